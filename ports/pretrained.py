@@ -1,0 +1,146 @@
+"""`load_pretrained` / `save_pretrained`: Hugging Face model folders <-> (linen module, params, config, processor)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ports import llama, qwen2, qwen3
+from ports.errors import CheckpointError, UnsupportedArchitectureError
+from ports.layers import CausalLM
+from ports.weights import Checkpoint, Rule, export_tensors, flatten, load_params, write_safetensors
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a port family contributes: the model types it reads, config translation, weight table, module."""
+
+    model_types: tuple[str, ...]
+    config_from_hf: Callable[[Any], Any]
+    weight_rules: Callable[[Any], list[Rule]]
+    build: Callable[[Any, Any], nn.Module]
+
+
+FAMILIES = (
+    Family(llama.MODEL_TYPES, llama.config_from_hf, llama.weight_rules, CausalLM),
+    Family(qwen2.MODEL_TYPES, qwen2.config_from_hf, llama.weight_rules, CausalLM),
+    Family(qwen3.MODEL_TYPES, qwen3.config_from_hf, llama.weight_rules, CausalLM),
+)
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded model: `model.apply({"params": params}, **batch)` runs it."""
+
+    model: nn.Module
+    params: dict
+    config: Any  # the port's frozen config
+    processor: Any | None  # transformers tokenizer or processor, when the folder has one
+    hf_config: dict  # config.json as read, written back by save_pretrained
+    source: Path | None = None
+
+    @property
+    def dtype(self):
+        return jax.tree_util.tree_leaves(self.params)[0].dtype
+
+
+def family_for(hf_config: dict, where: str) -> Family:
+    if "auto_map" in hf_config:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {hf_config.get('model_type')!r} needs trust_remote_code (config.json has "
+            "auto_map); precise-jax runs no remote code. Use a natively supported architecture: "
+            f"{', '.join(sorted(_BY_TYPE))}"
+        )
+    model_type = hf_config.get("model_type")
+    if model_type not in _BY_TYPE:
+        raise UnsupportedArchitectureError(
+            f"{where}: model_type {model_type!r} has no port; supported: {', '.join(sorted(_BY_TYPE))}"
+        )
+    return _BY_TYPE[model_type]
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist")
+    if not path.exists():
+        raise CheckpointError(f"{folder} has no config.json; give a Hugging Face model folder")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def abstract_params(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter path -> shape, without allocating anything."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
+    return {path: leaf.shape for path, leaf in flatten(shapes).items()}
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
+    """Load a Hugging Face model folder (config.json + safetensors) into a port, strictly, in `dtype`."""
+    import transformers
+
+    folder = Path(path)
+    config_dict = read_config(folder)
+    family = family_for(config_dict, str(folder))
+    checkpoint = Checkpoint(folder)
+    hf = transformers.AutoConfig.from_pretrained(folder)
+    config = family.config_from_hf(hf)
+    model = family.build(config, dtype)
+    params = load_params(
+        checkpoint, family.weight_rules(config), abstract_params(model),
+        convert=lambda _, array: jnp.asarray(array).astype(dtype),
+    )
+    return Pretrained(model, params, config, _load_processor(folder), config_dict, folder)
+
+
+def _load_processor(folder: Path):
+    import transformers
+
+    if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
+        return transformers.AutoProcessor.from_pretrained(folder)
+    if (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists():
+        return transformers.AutoTokenizer.from_pretrained(folder)
+    return None
+
+
+def save_pretrained(lm: Pretrained, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `lm` as a Hugging Face folder (config.json + safetensors + processor files) that transformers loads.
+
+    The folder appears complete or not at all; an existing one is refused unless `overwrite`.
+    """
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; choose another folder or pass overwrite=True")
+    family = family_for(lm.hf_config, "save_pretrained")
+    tensors = export_tensors(jax.device_get(lm.params), family.weight_rules(lm.config))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_safetensors(tensors, tmp)
+        config = dict(lm.hf_config, dtype=np.dtype(lm.dtype).name)
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if lm.source is not None and (lm.source / "generation_config.json").exists():
+            shutil.copy(lm.source / "generation_config.json", tmp)
+        if lm.processor is not None:
+            lm.processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
