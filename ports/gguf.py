@@ -16,7 +16,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import gguf
 import numpy as np
+from gguf.quants import dequantize
+from safetensors.numpy import save_file
 
 from ports.errors import CheckpointError, InputError, UnsupportedArchitectureError
 
@@ -32,7 +35,7 @@ _LAYER_KEYS = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP_KEYS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_CONTROL_TOKEN = 3  # llama.cpp's token type for special tokens such as <|im_start|>
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types: special tokens (<|im_start|>) and added words
 # llama.cpp's byte-level BPE pre-tokenizers that differ from GPT-2's regex only by splitting digits apart.
 _BPE_PRE_TOKENIZERS = {"default": False, "gpt2": False, "smollm": True}
 
@@ -52,7 +55,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         raise UnsupportedArchitectureError(
             f"{gguf_path} is a GGUF of architecture {arch!r}; only 'llama' GGUF files can be converted."
         )
-    if any(key.startswith("llama.rope.scaling.") for key in meta):
+    if meta.get("llama.rope.scaling.type", "none") != "none":
         raise UnsupportedArchitectureError(f"{gguf_path} uses RoPE scaling, which this converter does not carry over.")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -60,8 +63,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     try:
         config = _config(meta, gguf_path, tied="output.weight" not in {t.name for t in reader.tensors})
         tensors = _tensors(reader, config, gguf_path)
-        from safetensors.numpy import save_file
-
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in config}
@@ -78,16 +79,16 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
 
 def _open(gguf_path: Path):
     """The file's `GGUFReader`, or a CheckpointError saying what is wrong with the file."""
-    import gguf
-
     if not gguf_path.is_file():
         raise CheckpointError(f"GGUF file {gguf_path} does not exist: check the path.")
     advice = "download it again (or delete the cached copy so it is fetched anew)"
     try:
         reader = gguf.GGUFReader(gguf_path)
     except Exception as error:  # the reader raises ValueError, struct/IndexError, ... on a bad header
-        raise CheckpointError(f"{gguf_path} is not a readable GGUF file ({error}): {advice}.") from error
-    # The tensor data is memory-mapped lazily, so a file cut inside it is only seen by checking sizes.
+        raise CheckpointError(
+            f"{gguf_path} is not a readable GGUF file; it may be truncated or corrupt ({error}): {advice}."
+        ) from error
+    # gguf's reader notices a cut inside the tensor data only because the short slice fails to reshape: check sizes.
     size = gguf_path.stat().st_size
     for tensor in reader.tensors:
         if tensor.data_offset + tensor.n_bytes > size or tensor.data.nbytes != tensor.n_bytes:
@@ -109,6 +110,7 @@ def _config(meta: dict, gguf_path: Path, tied: bool) -> dict:
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
+    head_dim = meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", hidden // heads))
     vocab = meta.get("llama.vocab_size", len(meta.get("tokenizer.ggml.tokens", ())))
     token_ids = {
         f"{name}_token_id": int(meta[f"tokenizer.ggml.{key}_token_id"])
@@ -122,7 +124,7 @@ def _config(meta: dict, gguf_path: Path, tied: bool) -> dict:
         num_hidden_layers=int(need("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=int(meta.get("llama.attention.head_count_kv", heads)),
-        head_dim=int(meta.get("llama.rope.dimension_count", hidden // heads)),
+        head_dim=int(head_dim),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         max_position_embeddings=int(need("context_length")),
@@ -130,23 +132,18 @@ def _config(meta: dict, gguf_path: Path, tied: bool) -> dict:
         architectures=["LlamaForCausalLM"],
         dtype="float32",
         **token_ids,
-    ).to_dict()
-    config["torch_dtype"] = "float32"  # the name transformers 4.x reads
+    ).to_diff_dict()
+    # The names transformers 4.x reads, for readers of config.json other than transformers 5.
+    config.update(torch_dtype="float32", rope_theta=config["rope_parameters"]["rope_theta"])
     return config
 
 
 def _tensors(reader, config: dict, gguf_path: Path) -> dict[str, np.ndarray]:
     """All weights as float32 arrays under Hugging Face names, Q/K rows back in HF's RoPE order."""
-    from gguf.quants import dequantize
-
     tensors = {}
     for tensor in reader.tensors:
-        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor.name) or re.fullmatch(r"(\w+)\.weight", tensor.name)
-        if match and match.lastindex == 2 and match[2] in _LAYER_KEYS:
-            name = f"model.layers.{match[1]}.{_LAYER_KEYS[match[2]]}.weight"
-        elif match and match.lastindex == 1 and match[1] in _TOP_KEYS:
-            name = f"{_TOP_KEYS[match[1]]}.weight"
-        else:
+        name = _hf_name(tensor.name)
+        if name is None:
             raise UnsupportedArchitectureError(
                 f"{gguf_path} holds tensor {tensor.name!r}, which a Hugging Face LlamaForCausalLM has no place for."
             )
@@ -159,14 +156,24 @@ def _tensors(reader, config: dict, gguf_path: Path) -> dict[str, np.ndarray]:
         tensors[name] = np.ascontiguousarray(weight)
 
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    expected |= {f"model.layers.{i}.{key}.weight" for i in range(config["num_hidden_layers"]) for key in _LAYER_KEYS.values()}
+    for i in range(config["num_hidden_layers"]):
+        expected |= {f"model.layers.{i}.{key}.weight" for key in _LAYER_KEYS.values()}
     if not config["tie_word_embeddings"]:
         expected.add("lm_head.weight")
     if missing := sorted(expected - tensors.keys()):
         raise CheckpointError(f"{gguf_path} lacks {len(missing)} tensors, e.g. {missing[:3]}: the file is incomplete.")
     if extra := sorted(tensors.keys() - expected):
-        raise CheckpointError(f"{gguf_path} has tensors beyond its block_count, e.g. {extra[:3]}: the file is inconsistent.")
+        raise CheckpointError(f"{gguf_path} has tensors beyond its block_count, e.g. {extra[:3]}: it is inconsistent.")
     return tensors
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face key of a llama GGUF tensor name, or None for a tensor that has none."""
+    if (match := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)) and match[2] in _LAYER_KEYS:
+        return f"model.layers.{match[1]}.{_LAYER_KEYS[match[2]]}.weight"
+    if (match := re.fullmatch(r"(\w+)\.weight", gguf_name)) and match[1] in _TOP_KEYS:
+        return f"{_TOP_KEYS[match[1]]}.weight"
+    return None
 
 
 def _unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -198,20 +205,24 @@ def _tokenizer(meta: dict, gguf_path: Path):
         byte_level = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token, t in zip(tokens, types) if t == _CONTROL_TOKEN]
-    )
+    # llama.cpp matches both kinds whole in the text, so they must never be cut into byte pieces.
+    control = [word for word, t in zip(tokens, types) if t == _CONTROL]
+    user_defined = [word for word, t in zip(tokens, types) if t == _USER_DEFINED]
+    backend.add_special_tokens([AddedToken(word, special=True, normalized=False) for word in control])
+    backend.add_tokens([AddedToken(word, special=False, normalized=False) for word in user_defined])
 
     def token(key):
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(index)] if index is not None else None
 
     bos, eos = token("bos"), token("eos")
-    add_bos, add_eos = bool(meta.get("tokenizer.ggml.add_bos_token")), bool(meta.get("tokenizer.ggml.add_eos_token"))
-    if (add_bos and bos) or (add_eos and eos):
-        template = " ".join([bos] * (add_bos and bos is not None) + ["$A"] + [eos] * (add_eos and eos is not None))
-        special = [(t, tokens.index(t)) for t in {bos, eos} if t is not None]
-        backend.post_processor = processors.TemplateProcessing(single=template, special_tokens=special)
+    added = [bos] if meta.get("tokenizer.ggml.add_bos_token") and bos else []
+    appended = [eos] if meta.get("tokenizer.ggml.add_eos_token") and eos else []
+    if added or appended:
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(added + ["$A"] + appended),
+            special_tokens=[(t, tokens.index(t)) for t in dict.fromkeys(added + appended)],
+        )
     kwargs = {"chat_template": meta["tokenizer.chat_template"]} if "tokenizer.chat_template" in meta else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
