@@ -313,10 +313,10 @@ class CausalLMOutput:
 
 
 def default_positions(attention_mask: Array, cache: KVCache | None) -> Array:
-    """Positions count real tokens only, so left padding does not shift them (HF generate's convention)."""
+    """Positions count real tokens only, so left padding does not shift them; pads get 0 (HF generate's rule)."""
     before = 0 if cache is None else jnp.sum(cache.valid, axis=1, keepdims=True)
     positions = before + jnp.cumsum(attention_mask, axis=1) - 1
-    return jnp.where(attention_mask.astype(bool), positions, 1)
+    return jnp.where(attention_mask.astype(bool), positions, 0)
 
 
 class Decoder(nn.Module):
@@ -394,6 +394,12 @@ class CausalLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return CausalLMOutput(logits=self.head(x), cache=cache)
+
+    @nn.nowrap
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty KV cache for `batch` rows and `slots` tokens (prompt + generated)."""
+        c = self.config
+        return KVCache.empty(c.num_layers, batch, slots, c.num_kv_heads, c.head_dim, self.dtype)
 
     def head(self, x: Array) -> Array:
         """[B, T, D] final hidden states -> [B, T, V] float32 logits."""

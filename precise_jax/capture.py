@@ -10,16 +10,14 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
+from ports.generate import NOT_MODEL_INPUTS
 from ports.layers import Site
 from ports.pretrained import Pretrained
 from precise_jax.sites import check_sites, site_filter, site_name
 
-_NOT_MODEL_INPUTS = ("token_types",)
-
-
 def model_inputs(batch: Mapping) -> dict:
     """The keys of a batch the model consumes, as jax arrays."""
-    return {k: jnp.asarray(v) for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+    return {k: jnp.asarray(v) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
 @functools.lru_cache(maxsize=64)

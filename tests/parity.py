@@ -57,5 +57,5 @@ def left_padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], 
     for row, n in enumerate(lengths):
         mask[row, width - n:] = 1
     ids = np.where(mask == 1, ids, 0)
-    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+    positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions}

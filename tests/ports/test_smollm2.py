@@ -27,7 +27,7 @@ def prompts(smollm2_dir, jbb_goals):
     return {
         "input_ids": encoded["input_ids"],
         "attention_mask": mask,
-        "position_ids": np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1),
+        "position_ids": np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 0),
     }
 
 
