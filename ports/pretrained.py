@@ -21,14 +21,23 @@ from ports.layers import CausalLM
 from ports.weights import Checkpoint, Rule, export_tensors, flatten, load_params, write_safetensors
 
 
+def text_example(config) -> dict:
+    """The smallest batch a decoder accepts (shape tracing only)."""
+    return {"input_ids": np.zeros((1, 1), np.int32)}
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """What a port family contributes: the model types it reads, config translation, weight table, module."""
+    """What a port family contributes: the model types it reads, config translation, weight table, module.
+
+    `example_batch(config)` is a tiny batch that reaches every parameter and site (images too, for a VLM).
+    """
 
     model_types: tuple[str, ...]
     config_from_hf: Callable[[Any], Any]
     weight_rules: Callable[[Any], list[Rule]]
     build: Callable[[Any, Any], nn.Module]
+    example_batch: Callable[[Any], dict] = text_example
 
 
 FAMILIES = (
@@ -49,6 +58,10 @@ class Pretrained:
     processor: Any | None  # transformers tokenizer or processor, when the folder has one
     hf_config: dict  # config.json as read, written back by save_pretrained
     source: Path | None = None
+
+    @property
+    def family(self) -> Family:
+        return family_for(self.hf_config, "model")
 
     @property
     def dtype(self):
@@ -82,10 +95,9 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
 
 
-def abstract_params(model: nn.Module) -> dict[str, tuple[int, ...]]:
+def abstract_params(model: nn.Module, example: dict) -> dict[str, tuple[int, ...]]:
     """Parameter path -> shape, without allocating anything."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **example)["params"])
     return {path: leaf.shape for path, leaf in flatten(shapes).items()}
 
 
@@ -101,7 +113,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
     config = family.config_from_hf(hf)
     model = family.build(config, dtype)
     params = load_params(
-        checkpoint, family.weight_rules(config), abstract_params(model),
+        checkpoint, family.weight_rules(config), abstract_params(model, family.example_batch(config)),
         convert=lambda _, array: jnp.asarray(array).astype(dtype),
     )
     return Pretrained(model, params, config, _load_processor(folder), config_dict, folder)

@@ -20,16 +20,20 @@ def model_inputs(batch: Mapping) -> dict:
     return {k: jnp.asarray(v) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
 
 
-@functools.lru_cache(maxsize=64)
-def available_sites(model: nn.Module) -> tuple[str, ...]:
-    """Every site the model exposes, found by tracing (no computation)."""
-    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    _, state = jax.eval_shape(
-        lambda v: model.apply(v, jnp.zeros((1, 1), jnp.int32),
-                              capture_intermediates=lambda m, method: isinstance(m, Site)),
-        variables,
-    )
-    return tuple(site_name(path[:-1]) for path in flatten_dict(state["intermediates"]))
+_SITES: dict[nn.Module, tuple[str, ...]] = {}
+
+
+def available_sites(lm: Pretrained) -> tuple[str, ...]:
+    """Every site the model exposes, found by tracing its family's example batch (no computation)."""
+    if lm.model not in _SITES:
+        example = lm.family.example_batch(lm.config)
+        _, state = jax.eval_shape(
+            lambda p: lm.model.apply({"params": p}, **example,
+                                     capture_intermediates=lambda m, method: isinstance(m, Site)),
+            lm.params,
+        )
+        _SITES[lm.model] = tuple(site_name(path[:-1]) for path in flatten_dict(state["intermediates"]))
+    return _SITES[lm.model]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sites"))
@@ -42,5 +46,5 @@ def _forward(model: nn.Module, sites: tuple[str, ...], params, inputs):
 def capture(lm: Pretrained, batch: Mapping, sites: Iterable[str]) -> dict[str, jax.Array]:
     """Run `lm` on `batch` and return {site: activations [batch, tokens, width]} for the named sites."""
     sites = tuple(sites)
-    check_sites(sites, available_sites(lm.model))
+    check_sites(sites, available_sites(lm))
     return _forward(lm.model, sites, lm.params, model_inputs(batch))

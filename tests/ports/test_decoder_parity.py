@@ -74,7 +74,7 @@ def test_logits_and_every_site_match_pytorch(case, tmp_path):
     with torch.no_grad(), torch_sites(model.model.layers) as expected:
         logits = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
 
-    sites = available_sites(lm.model)
+    sites = available_sites(lm)
     assert set(sites) == set(expected), "the port exposes exactly the canonical sites of every layer"
     ours = capture(lm, batch, sites)
     out = lm.model.apply({"params": lm.params}, **batch)
