@@ -308,7 +308,7 @@ class DecoderLayer(nn.Module):
 
 @flax.struct.dataclass
 class CausalLMOutput:
-    logits: Array  # [B, T, V] float32 (or [B, logits_to_keep, V])
+    logits: Array | None  # [B, T, V] float32 (or [B, logits_to_keep, V]); None when stopped early
     cache: KVCache | None = None
 
 
@@ -384,13 +384,16 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         token_types: Array | None = None,  # carried by every batch; ports do not need it
+        num_layers: int | None = None,  # run only the first layers and return no logits (capture needs no more)
     ) -> CausalLMOutput:
         del token_types
         shape = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         attention_mask = jnp.ones(shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
         if position_ids is None:
             position_ids = default_positions(attention_mask, cache)
-        x, cache = self.lm(input_ids, attention_mask, position_ids, inputs_embeds, cache)
+        x, cache = self.lm(input_ids, attention_mask, position_ids, inputs_embeds, cache, num_layers)
+        if num_layers is not None and num_layers < self.config.num_layers:
+            return CausalLMOutput(logits=None, cache=None)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return CausalLMOutput(logits=self.head(x), cache=cache)

