@@ -1,0 +1,118 @@
+"""Neuron masks: masked-out entries stay bit-identical under AdamW + clipping; lean deltas equal masked updates."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from ports import InputError, load_pretrained
+from precise_jax.masking import NeuronDeltas, neuron_masked, neuron_masks, trainable_count
+from precise_jax.neurons import NeuronSet
+from tests.parity import left_padded_batch, randomize
+
+LAYERS, D, FF = 3, 24, 40
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    config = transformers.Qwen2Config(vocab_size=71, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    randomize(transformers.Qwen2ForCausalLM(config), seed=8).save_pretrained(path)
+    return load_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def neurons():
+    return NeuronSet({0: [3, 17], 2: [0, 5, 39]}, FF, LAYERS, {"model": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def batch():
+    b = left_padded_batch(np.random.default_rng(4), 71, [9, 6, 9])
+    b.pop("position_ids")
+    return b
+
+
+def lm_loss(lm, batch, interceptor=None):
+    def loss(params):
+        def run():
+            return lm.model.apply({"params": params}, **batch).logits
+        if interceptor is None:
+            logits = run()
+        else:
+            with nn.intercept_methods(interceptor):
+                logits = run()
+        targets = batch["input_ids"][:, 1:]
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return -(picked * batch["attention_mask"][:, 1:]).sum() / batch["attention_mask"][:, 1:].sum()
+    return loss
+
+
+def test_masked_adamw_leaves_every_other_entry_bit_identical(lm, neurons, batch):
+    optimizer = neuron_masked(optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1)),
+                              lm.params, neurons)
+    params, state = lm.params, None
+    state = optimizer.init(params)
+    loss = jax.jit(jax.value_and_grad(lm_loss(lm, batch)))
+    losses = []
+    for _ in range(5):
+        value, grads = loss(params)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(value))
+    assert losses[-1] < losses[0]
+    masks = neuron_masks(lm.params, neurons)
+    changed = 0
+    for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(lm.params), jax.tree_util.tree_leaves(params)):
+        keys = [p.key for p in path]
+        key = (int(keys[1].split("_")[1]), keys[3], keys[4]) if keys[0] == "lm" and len(keys) == 5 and keys[2] == "mlp" \
+            else None
+        frozen = 1 - masks[key] if key in masks else np.ones(before.shape)
+        np.testing.assert_array_equal(np.asarray(after)[frozen == 1], np.asarray(before)[frozen == 1])
+        changed += int((np.asarray(after) != np.asarray(before)).sum())
+    assert changed == trainable_count(neurons, D) == sum(int(m.sum()) for m in masks.values())
+    # frozen leaves keep no optimizer state: moments exist only for the 6 leaves wired to neurons
+    moment_leaves = [x for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape") and x.ndim == 2]
+    assert len(moment_leaves) == 2 * 6  # mu and nu of gate/up/down kernels in 2 layers
+
+
+def test_trainable_count_by_hand(neurons):
+    assert trainable_count(neurons, D) == 5 * 3 * D
+    assert trainable_count(neurons, D, ("gate_proj", "up_proj"), gate_up_bias=True) == 5 * (2 * D + 2)
+
+
+def test_lean_deltas_equal_merged_weights_and_masked_gradients(lm, neurons, batch):
+    lean = NeuronDeltas(neurons)
+    rng = np.random.default_rng(1)
+    deltas = jax.tree_util.tree_map(lambda z: jnp.asarray(rng.normal(size=z.shape) * 0.1, jnp.float32),
+                                    lean.init(lm.params))
+    with_interceptor = lm_loss(lm, batch, lean.interceptor(deltas))(lm.params)
+    merged = lean.merge(lm.params, deltas)
+    np.testing.assert_allclose(with_interceptor, lm_loss(lm, batch)(merged), rtol=1e-6)
+
+    # gradient w.r.t. the deltas == the full gradient at the selected rows/columns
+    grad_deltas = jax.grad(lambda dl: lm_loss(lm, batch, lean.interceptor(dl))(lm.params))(deltas)
+    grad_full = jax.grad(lm_loss(lm, batch))(merged)
+    for layer, idx in lean.indices().items():
+        g = grad_full["lm"][layer]["mlp"]
+        np.testing.assert_allclose(grad_deltas[layer]["gate_proj"], g["gate_proj"]["kernel"][:, idx], rtol=1e-4,
+                                   atol=1e-7)
+        np.testing.assert_allclose(grad_deltas[layer]["down_proj"], g["down_proj"]["kernel"][idx, :], rtol=1e-4,
+                                   atol=1e-7)
+
+
+def test_bad_input(lm, neurons):
+    empty = NeuronSet({}, FF, LAYERS)
+    with pytest.raises(InputError, match="selects no parameters"):
+        neuron_masked(optax.sgd(0.1), lm.params, empty)
+    with pytest.raises(InputError, match="matrices must be"):
+        neuron_masked(optax.sgd(0.1), lm.params, neurons, matrices=("o_proj",))
+    with pytest.raises(InputError, match="empty"):
+        NeuronDeltas(empty).init(lm.params)
