@@ -31,7 +31,7 @@ NOT_MODEL_INPUTS = ("token_types",)
 class HookInfo:
     """What a hook knows about the current model call besides the activation itself."""
 
-    positions: Array  # [B, T] int32: position of each token of this call (real tokens counted, pads 1)
+    positions: Array  # [B, T] int32: position of each token of this call (real tokens counted, pads 0)
     step: Array  # [] int32: tokens generated before this call (0 at prefill)
     token_types: Array | None = None  # [B, T]: the batch's token types at prefill; None at decode (responses)
     prefill: bool = flax.struct.field(pytree_node=False, default=True)

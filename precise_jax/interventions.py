@@ -1,0 +1,115 @@
+"""Interventions at named sites, as hooks for `ports.generate.generate` and for plain forwards.
+
+A hook is a static function; what it does is decided by `hook_params`, a dict {site name: arrays}, so a sweep over
+strengths, masks or neuron sets reuses one compilation. Every edit can be limited to token types at prefill
+(e.g. only image tokens) and switched on or off for generated tokens.
+
+`unit_edit`: per-unit affine edit x' = x + m * ((a - 1) * x + b) with a 0/1 unit mask m, scale a and shift b:
+zero-ablation (a=0, b=0), mean-ablation (a=0, b=mean) and amplification (a=factor, b=0) are one function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ports.errors import InputError
+from ports.generate import HookInfo, intercept_sites
+from ports.processing import TokenType
+from precise_jax.capture import model_inputs
+from precise_jax.neurons import NeuronSet
+from precise_jax.sites import site_name
+from precise_jax.stats import Moments
+
+Array = jax.Array
+ALL_TYPES = tuple(TokenType)
+
+
+def where_mask(info: HookInfo, types: Array, at_decode: Array, shape) -> Array:
+    """[B, T, 1] float: 1 where the edit applies (token type selected at prefill; `at_decode` for new tokens)."""
+    if info.prefill and info.token_types is not None:
+        where = types[jnp.clip(info.token_types.astype(jnp.int32), 0, len(ALL_TYPES) - 1)]
+    elif info.prefill:  # forward_with refuses type-restricted edits on batches without token types
+        where = jnp.ones(shape[:2], jnp.float32)
+    else:
+        where = jnp.ones(shape[:2], jnp.float32) * at_decode
+    return where[..., None]
+
+
+def placement(token_types: Iterable[int] = ALL_TYPES, at_decode: bool = True) -> dict:
+    """Where an edit applies: which token types at prefill, and whether at generated tokens."""
+    types = np.zeros(len(ALL_TYPES), np.float32)
+    types[[int(t) for t in token_types]] = 1.0
+    return {"types": jnp.asarray(types), "at_decode": jnp.asarray(float(at_decode), jnp.float32)}
+
+
+def unit_edit_hook(hook_params: Mapping, site_path: tuple, x: Array, info: HookInfo) -> Array:
+    """Apply the per-unit affine edit of `hook_params[site]`, if any, at the positions it is placed at."""
+    p = hook_params.get(site_name(site_path))
+    if p is None:
+        return x
+    where = where_mask(info, p["types"], p["at_decode"], x.shape)
+    edit = p["mask"] * ((p["scale"] - 1.0) * x.astype(jnp.float32) + p["shift"])
+    return (x.astype(jnp.float32) + where * edit).astype(x.dtype)
+
+
+def unit_edit(width: int, units: np.ndarray, kind: str, *, mean: np.ndarray | None = None, factor: float = 2.0,
+              token_types: Iterable[int] = ALL_TYPES, at_decode: bool = True) -> dict:
+    """The arrays of one site's edit: kind 'zero', 'mean' (needs `mean` [width]) or 'amplify' (by `factor`)."""
+    mask = np.zeros(width, np.float32)
+    mask[np.asarray(units, np.int64)] = 1.0
+    if kind == "zero":
+        scale, shift = np.zeros(width), np.zeros(width)
+    elif kind == "mean":
+        if mean is None:
+            raise InputError("mean-ablation needs the mean activations (statistics of a reference data set)")
+        scale, shift = np.zeros(width), np.asarray(mean, np.float64)
+    elif kind == "amplify":
+        scale, shift = np.full(width, factor), np.zeros(width)
+    else:
+        raise InputError(f"unknown edit {kind!r}; choose 'zero', 'mean' or 'amplify'")
+    return {"mask": jnp.asarray(mask), "scale": jnp.asarray(scale, jnp.float32),
+            "shift": jnp.asarray(shift, jnp.float32), **placement(token_types, at_decode)}
+
+
+def neuron_ablation(neurons: NeuronSet, kind: str = "zero", *, means: Mapping[str, Moments] | None = None,
+                    factor: float = 2.0, token_types: Iterable[int] = ALL_TYPES, at_decode: bool = True) -> dict:
+    """hook_params that ablate (or amplify) a NeuronSet at `lm.layers.{l}.mlp.act`."""
+    if len(neurons) == 0:
+        raise InputError("the neuron set is empty: there is nothing to ablate")
+    params = {}
+    for layer, idx in neurons.neurons.items():
+        site = f"lm.layers.{layer}.mlp.act"
+        mean = None
+        if kind == "mean":
+            if means is None or site not in means:
+                raise InputError(f"mean-ablation needs statistics of {site}; collect them on a reference set")
+            mean = np.asarray(means[site].mean)
+        params[site] = unit_edit(neurons.width, idx, kind, mean=mean, factor=factor, token_types=token_types,
+                                 at_decode=at_decode)
+    return params
+
+
+@functools.partial(jax.jit, static_argnames=("model", "hook"))
+def _forward(model, hook, params, inputs, token_types, hook_params):
+    info = HookInfo.for_forward(inputs["attention_mask"], token_types)
+    with intercept_sites(hook, hook_params, info):
+        return model.apply({"params": params}, **inputs).logits
+
+
+def forward_with(lm, batch: Mapping, hook=unit_edit_hook, hook_params=None) -> Array:
+    """Logits [B, T, V] of a plain forward with `hook` applied at every site (teacher-forced scoring)."""
+    inputs = model_inputs(batch)
+    if "attention_mask" not in inputs:
+        inputs["attention_mask"] = jnp.ones(inputs["input_ids"].shape, jnp.int32)
+    token_types = batch.get("token_types")
+    restricted = any(not bool(jnp.all(p["types"] == 1)) for p in (hook_params or {}).values() if "types" in p)
+    if token_types is None and restricted:
+        raise InputError("the edit is limited to some token types but the batch has no token_types; build "
+                         "batches with precise_jax.data (or ports.processing) so every token is typed")
+    return _forward(lm.model, hook, lm.params, inputs, None if token_types is None else jnp.asarray(token_types),
+                    hook_params if hook_params is not None else {})
