@@ -34,3 +34,21 @@ def jbb_goals():
     path = archive_member(fetch_archive("jailbreakbench", "0.1.3"), "jailbreakbench/data/behaviors.csv")
     with open(path, newline="") as f:
         return [row["Goal"] for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="session")
+def prompt_sets():
+    """The real prompt sets by name (jbb, harmbench, advbench, do-not-answer, alpaca-eval), read once."""
+    from precise_jax.data import sources
+
+    return {name: sources.load_set(name) for name in sources.SETS}
+
+
+@pytest.fixture(scope="session")
+def jbb_judge_pairs():
+    """The 100 real prompt/response pairs of JBB's classifier comparison, with three humans' majority label."""
+    from precise_jax.assets import archive_member, fetch_archive
+
+    path = archive_member(fetch_archive("jailbreakbench", "0.1.3"), "jailbreakbench/data/classifier_comparison.csv")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
