@@ -170,15 +170,15 @@ def collect(
     bar = tqdm(total=total, unit="ex", desc="capture", file=sys.stderr, dynamic_ncols=True, disable=not progress)
     for batch in batches:
         mask = position_mask(batch, positions)
-        valid = np.asarray(batch.get("row_valid", np.ones(mask.shape[0], bool)), bool)
+        valid, batch_ids = row_info(batch)
         inputs = model_inputs({k: v for k, v in batch.items() if k not in ("row_valid", "ids")})
         state, pooled = _step(lm.model, sites, pool, covariance, vectors, lm.params, inputs,
                               jnp.asarray(mask), jnp.asarray(valid), state)
         if vectors:
             for name in sites:
                 kept[name].append(np.asarray(pooled[name])[valid])
-        if "ids" in batch:
-            ids += [i for i, ok in zip(batch["ids"], valid) if ok]
+        if batch_ids is not None:
+            ids += [i for i, ok in zip(batch_ids, valid) if ok]
         digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
         seen += int(valid.sum())
         bar.update(int(valid.sum()))
@@ -201,6 +201,16 @@ def collect(
         ids=ids or None,
         metadata=metadata,
     )
+
+
+def row_info(batch: Mapping) -> tuple[np.ndarray, list | None]:
+    """(row_valid [B] bool, example ids or None) of a data-layer Batch (attributes) or a plain dict (keys)."""
+    valid = getattr(batch, "row_valid", None)
+    valid = batch.get("row_valid") if valid is None else valid
+    ids = getattr(batch, "ids", None)
+    ids = batch.get("ids") if ids is None else ids
+    rows = np.asarray(batch["input_ids"]).shape[0]
+    return (np.ones(rows, bool) if valid is None else np.asarray(valid, bool)), (None if ids is None else list(ids))
 
 
 def position_mask(batch: Mapping, positions: Positions) -> np.ndarray:
