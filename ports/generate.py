@@ -120,6 +120,7 @@ def generate(
     if not 0 < top_p <= 1:
         raise InputError(f"generate: top_p must be in (0, 1], got {top_p}")
     inputs, token_types = _model_inputs(batch)
+    lm.model.check_batch(inputs)  # inside jit a VLM cannot compare its image tokens with its images
     stops, pad = _special_tokens(lm, stop_tokens, pad_token)
     return _generate(
         lm.model, hook, int(max_new_tokens), greedy, not greedy and top_p < 1, bool(return_logits),

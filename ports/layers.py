@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ports.errors import UnsupportedArchitectureError
+from ports.errors import InputError, UnsupportedArchitectureError
 
 Array = jax.Array
 Dtype = Any
@@ -63,6 +63,23 @@ class RMSNorm(nn.Module):
         return weight * normed.astype(x.dtype)
 
 
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm (biased variance, `weight` and `bias`), computed in float32 and cast back."""
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * weight.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------- rotary
 
 
@@ -78,6 +95,7 @@ class RopeConfig:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     max_position_embeddings: int = 2048
+    mrope_section: tuple[int, ...] = ()  # M-RoPE (Qwen2-VL): frequencies per (temporal, height, width) stream
 
     @classmethod
     def from_hf(cls, params: dict, head_dim: int, max_position_embeddings: int) -> "RopeConfig":
@@ -95,6 +113,7 @@ class RopeConfig:
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
             max_position_embeddings=max_position_embeddings,
+            mrope_section=tuple(int(n) for n in params.get("mrope_section") or ()),
         )
 
     def inverse_frequencies(self) -> np.ndarray:
@@ -118,7 +137,7 @@ class RopeConfig:
         return inv
 
     def cos_sin(self, positions: Array) -> tuple[Array, Array]:
-        """positions [B, T] -> cos, sin [B, T, E] in float32."""
+        """positions [B, T] (or [3, B, T] streams with `mrope_section`) -> cos, sin [B, T, E] in float32."""
         inv = jnp.asarray(self.inverse_frequencies())
         if self.kind == "dynamic":
             # Dynamic NTK: the base grows with the longest position seen in the batch (HF's dynamic_rope_update).
@@ -129,6 +148,15 @@ class RopeConfig:
             ) ** (dim / (dim - 2))
             inv = 1.0 / base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
         freqs = positions.astype(jnp.float32)[..., None] * inv
+        if positions.ndim == 3:
+            if sum(self.mrope_section) != self.head_dim // 2:
+                raise InputError(f"positions of shape {positions.shape} need an mrope_section summing to "
+                                 f"{self.head_dim // 2}; this rotary has {self.mrope_section}")
+            # M-RoPE: frequency chunk j rotates by position stream j % 3 (HF's mrope_section split).
+            bounds = np.cumsum((0, *self.mrope_section))
+            freqs = jnp.concatenate(
+                [freqs[j % 3, ..., lo:hi] for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))], axis=-1
+            )
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
@@ -259,6 +287,23 @@ class GatedMLP(nn.Module):
         return Site(name="out")(dense(x.shape[-1], "down_proj")(act))
 
 
+class DenseMLP(nn.Module):
+    """Two-layer MLP of vision towers: fc2(act(fc1(x))); sites `act` (the neurons, input of fc2) and `out`."""
+
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, use_bias=self.bias, dtype=self.dtype, param_dtype=self.dtype, name=name
+        )
+        act = Site(name="act")(activation(self.hidden_act)(dense(self.intermediate_size, "fc1")(x)))
+        return Site(name="out")(dense(x.shape[-1], "fc2")(act))
+
+
 # ----------------------------------------------------------------------------------------------------- decoder
 
 
@@ -330,7 +375,7 @@ class Decoder(nn.Module):
         self,
         input_ids: Array | None,  # [B, T] int
         attention_mask: Array,  # [B, T]
-        position_ids: Array,  # [B, T]
+        position_ids: Array,  # [B, T], or [3, B, T] for multimodal rotary (RopeConfig.mrope_section)
         inputs_embeds: Array | None = None,  # [B, T, D], replaces input_ids (vision-language compositions)
         cache: KVCache | None = None,
         num_layers: int | None = None,
@@ -357,7 +402,8 @@ class Decoder(nn.Module):
         x = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")(x)
         if cache is not None:
             keys, values = zip(*new_kv)
-            cache = KVCache(keys=tuple(keys), values=tuple(values), valid=valid, length=cache.length + t)
+            # replace() keeps the fields of caches that extend KVCache (a VLM's rope offsets, say).
+            cache = cache.replace(keys=tuple(keys), values=tuple(values), valid=valid, length=cache.length + t)
         return x, cache
 
 
@@ -399,6 +445,10 @@ class CausalLM(nn.Module):
         return CausalLMOutput(logits=self.head(x), cache=cache)
 
     @nn.nowrap
+    def check_batch(self, batch) -> None:
+        """Raise InputError for a batch this model cannot run; a text decoder accepts any (VLMs check images)."""
+
+    @nn.nowrap
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty KV cache for `batch` rows and `slots` tokens (prompt + generated)."""
         c = self.config
@@ -410,3 +460,40 @@ class CausalLM(nn.Module):
             table = self.lm.variables["params"]["embed_tokens"]["embedding"]
             return jnp.einsum("btd,vd->btv", x, table.astype(x.dtype), preferred_element_type=jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- encoders
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional multi-head self-attention of ViT towers (CLIP, SigLIP): biased q/k/v/out_proj; site `out`."""
+
+    num_heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # [B, T, D] -> [B, T, D]
+        b, t, d = x.shape
+        head_dim = d // self.num_heads
+        dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
+        q, k, v = (dense(name)(x).reshape(b, t, self.num_heads, head_dim) for name in ("q_proj", "k_proj", "v_proj"))
+        everywhere = jnp.ones((1, 1, 1, 1), bool)  # no padding inside an image: every token sees every token
+        out = dot_product_attention(q, k, v, everywhere, head_dim**-0.5)
+        return Site(name="out")(dense("out_proj")(out.reshape(b, t, d)))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm ViT layer (CLIP, SigLIP): x + attn(layer_norm1(x)), then + mlp(layer_norm2(x)); site `resid`."""
+
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    eps: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:  # [B, T, D]
+        norm = lambda name: LayerNorm(self.eps, self.dtype, name=name)  # noqa: E731
+        x = x + EncoderAttention(self.num_heads, self.dtype, name="self_attn")(norm("layer_norm1")(x))
+        x = x + DenseMLP(self.intermediate_size, self.hidden_act, True, self.dtype, name="mlp")(norm("layer_norm2")(x))
+        return Site(name="resid")(x)

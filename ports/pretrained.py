@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ports import llama, qwen2, qwen3
+from ports import llama, llava, llava_onevision, qwen2, qwen2_vl, qwen3
 from ports.errors import CheckpointError, UnsupportedArchitectureError
 from ports.layers import CausalLM
 from ports.weights import Checkpoint, Rule, export_tensors, flatten, load_params, write_safetensors
@@ -38,12 +38,20 @@ class Family:
     weight_rules: Callable[[Any], list[Rule]]
     build: Callable[[Any, Any], nn.Module]
     example_batch: Callable[[Any], dict] = text_example
+    load_processor: Callable[[Path], Any] | None = None  # when transformers' AutoProcessor cannot build it here
 
 
 FAMILIES = (
     Family(llama.MODEL_TYPES, llama.config_from_hf, llama.weight_rules, CausalLM),
     Family(qwen2.MODEL_TYPES, qwen2.config_from_hf, llama.weight_rules, CausalLM),
     Family(qwen3.MODEL_TYPES, qwen3.config_from_hf, llama.weight_rules, CausalLM),
+    Family(qwen2_vl.QWEN2_VL_TYPES, qwen2_vl.config_from_hf, qwen2_vl.weight_rules, qwen2_vl.build,
+           qwen2_vl.example_batch, qwen2_vl.load_processor),
+    Family(qwen2_vl.QWEN2_5_VL_TYPES, qwen2_vl.config_from_hf, qwen2_vl.weight_rules, qwen2_vl.build,
+           qwen2_vl.example_batch, qwen2_vl.load_processor),
+    Family(llava.MODEL_TYPES, llava.config_from_hf, llava.weight_rules, llava.build, llava.example_batch),
+    Family(llava_onevision.MODEL_TYPES, llava_onevision.config_from_hf, llava_onevision.weight_rules,
+           llava_onevision.build, llava_onevision.example_batch, llava_onevision.load_processor),
 )
 _BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 
@@ -116,11 +124,14 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
         checkpoint, family.weight_rules(config), abstract_params(model, family.example_batch(config)),
         convert=lambda _, array: jnp.asarray(array).astype(dtype),
     )
-    return Pretrained(model, params, config, _load_processor(folder), config_dict, folder)
+    return Pretrained(model, params, config, _load_processor(folder, family), config_dict, folder)
 
 
-def _load_processor(folder: Path):
+def _load_processor(folder: Path, family: Family | None = None):
     import transformers
+
+    if family is not None and family.load_processor is not None:
+        return family.load_processor(folder)
 
     if (folder / "processor_config.json").exists() or (folder / "preprocessor_config.json").exists():
         return transformers.AutoProcessor.from_pretrained(folder)

@@ -75,10 +75,16 @@ _forward = jax.jit(_site_values, static_argnames=("model", "sites"))
 
 
 def capture(lm: Pretrained, batch: Mapping, sites: Iterable[str]) -> dict[str, jax.Array]:
-    """Run `lm` on `batch` and return {site: activations [batch, tokens, width]} for the named sites."""
+    """Run `lm` on `batch` and return {site: activations} for the named sites.
+
+    Language-model sites are [batch, tokens, width]; vision sites keep their tower's layout (LLaVA: [images or
+    tiles, patches, width]; Qwen2-VL: [patches of all images, width]).
+    """
     sites = tuple(sites)
     check_sites(sites, available_sites(lm))
-    return _forward(lm.model, sites, lm.params, model_inputs(batch))
+    inputs = model_inputs(batch)
+    lm.model.check_batch(inputs)  # inside jit a VLM cannot compare its image tokens with its images
+    return _forward(lm.model, sites, lm.params, inputs)
 
 
 # ----------------------------------------------------------------------------------------------------- pooling
@@ -172,6 +178,7 @@ def collect(
         mask = position_mask(batch, positions)
         valid, batch_ids = row_info(batch)
         inputs = model_inputs({k: v for k, v in batch.items() if k not in ("row_valid", "ids")})
+        lm.model.check_batch(inputs)
         state, pooled = _step(lm.model, sites, pool, covariance, vectors, lm.params, inputs,
                               jnp.asarray(mask), jnp.asarray(valid), state)
         if vectors:

@@ -25,8 +25,10 @@ def rel_error(actual, expected) -> float:
 
 
 @contextlib.contextmanager
-def torch_sites(layers, prefix: str = "lm"):
-    """Record the canonical sites of Hugging Face decoder layers: {site name: tensor [B, T, W]}."""
+def torch_sites(layers, prefix: str = "lm", down_proj: str = "down_proj"):
+    """Record the canonical sites of Hugging Face decoder (or encoder) layers: {site name: tensor [B, T, W]}.
+
+    `down_proj` names the MLP's output projection, whose input is the `mlp.act` site (`fc2` in vision towers)."""
     found, handles = {}, []
 
     def keep(name, pick):
@@ -35,7 +37,7 @@ def torch_sites(layers, prefix: str = "lm"):
     for i, layer in enumerate(layers):
         p = f"{prefix}.layers.{i}"
         handles += [
-            layer.mlp.down_proj.register_forward_hook(keep(f"{p}.mlp.act", lambda a, o: a[0])),
+            getattr(layer.mlp, down_proj).register_forward_hook(keep(f"{p}.mlp.act", lambda a, o: a[0])),
             layer.mlp.register_forward_hook(keep(f"{p}.mlp.out", lambda a, o: o)),
             layer.self_attn.register_forward_hook(keep(f"{p}.attn.out", lambda a, o: o[0])),
             layer.register_forward_hook(keep(f"{p}.resid", lambda a, o: o[0] if isinstance(o, tuple) else o)),

