@@ -94,3 +94,43 @@ def next_token_logits(logits: jax.Array, attention_mask: jax.Array) -> jax.Array
     mask = jnp.asarray(attention_mask).astype(bool)
     last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
     return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------------- runs
+
+
+def respond(lm, examples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 64, hook=None,
+            hook_params=None, progress: bool = True, description: str = "generate") -> list[str]:
+    """Greedy responses of `lm` to each example's prompt (optionally under an intervention hook), in order."""
+    from tqdm.auto import tqdm
+
+    from ports.generate import generate
+    from precise_jax.capture import row_info
+    from precise_jax.data import make_batches
+
+    texts: list[str] = []
+    bar = tqdm(total=len(examples), unit="ex", desc=description, disable=not progress, dynamic_ncols=True)
+    processor = getattr(lm.processor, "tokenizer", lm.processor)
+    for batch in make_batches(examples, lm, batch_size):
+        valid, _ = row_info(batch)
+        out = generate(lm, dict(batch), max_new_tokens=max_new_tokens, hook=hook, hook_params=hook_params)
+        texts += [t for t, ok in zip(out.text(processor), valid) if ok]
+        bar.update(int(valid.sum()))
+    bar.close()
+    return texts
+
+
+def refusal_scores(lm, examples: Sequence, refusal_ids: np.ndarray, *, batch_size: int = 8, hook=None,
+                   hook_params=None) -> np.ndarray:
+    """[N] refusal logit score at each prompt's first response position (teacher-forced, one forward)."""
+    from precise_jax.capture import row_info
+    from precise_jax.data import make_batches
+    from precise_jax.interventions import forward_with, unit_edit_hook
+
+    scores = []
+    for batch in make_batches(examples, lm, batch_size):
+        valid, _ = row_info(batch)
+        logits = forward_with(lm, batch, hook or unit_edit_hook, hook_params or {})
+        first = next_token_logits(logits, batch["attention_mask"])
+        scores.append(np.asarray(refusal_logit_score(first, refusal_ids))[valid])
+    return np.concatenate(scores)

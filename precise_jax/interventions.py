@@ -113,3 +113,111 @@ def forward_with(lm, batch: Mapping, hook=unit_edit_hook, hook_params=None) -> A
                          "batches with precise_jax.data (or ports.processing) so every token is typed")
     return _forward(lm.model, hook, lm.params, inputs, None if token_types is None else jnp.asarray(token_types),
                     hook_params if hook_params is not None else {})
+
+
+# ----------------------------------------------------------------------------------------------------- projection
+
+FUSIONS = ("adaptive", "parallel", "sequential")
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def projection_hook(hook_params: Mapping, site_path: tuple, x: Array, info: HookInfo) -> Array:
+    """Apply the subspace projection of `hook_params[site]` (see `projection`), if any, fused across subspaces."""
+    p = hook_params.get(site_name(site_path))
+    if p is None:
+        return x
+    h = x.astype(jnp.float32)  # [B, T, D]
+    count = p["basis"].shape[0]
+    where = [where_mask(info, p["types"][m], p["at_decode"][m], x.shape) for m in range(count)]  # [B, T, 1] each
+
+    def correction(m: int, v: Array) -> Array:
+        """−α U Uᵀ (v − μ) of subspace m, at the positions it is placed at; U keeps the columns switched on."""
+        u = p["basis"][m] * p["columns"][m]  # [D, K]
+        coords = jnp.einsum("btd,dk->btk", v - p["center"][m], u, precision=HIGHEST)
+        return -p["alpha"][m] * where[m] * jnp.einsum("btk,dk->btd", coords, u, precision=HIGHEST)
+
+    def adaptive():
+        # The official weights: w_m = ‖Δ_m‖ / (Σ ‖Δ‖ + 1e-8), applied to the corrected vectors h + Δ_m.
+        deltas = [correction(m, h) for m in range(count)]
+        sizes = [jnp.linalg.norm(d, axis=-1, keepdims=True) for d in deltas]
+        total = sum(sizes)
+        fused = sum(s / (total + 1e-8) * (h + d) for s, d in zip(sizes, deltas))
+        return jnp.where(total > 0, fused, h)  # where no correction applies, the weights would zero h
+
+    def parallel():
+        return h + sum(p["ratios"][m] * correction(m, h) for m in range(count))
+
+    def sequential():
+        v = h
+        for m in range(count):
+            v = v + correction(m, v)
+        return v
+
+    # One compilation serves every fusion mode: the mode is an array, only its branch runs.
+    return jax.lax.switch(p["fusion"], [adaptive, parallel, sequential]).astype(x.dtype)
+
+
+def projection(subspaces, *, alpha=1.0, k=None, fusion: str = "adaptive", ratios=None, token_types=None,
+               at_decode=True, max_k: int | None = None) -> dict:
+    """The arrays of one site's projection h' = h − α_m U_m U_mᵀ (h − μ_m) for subspaces m (e.g. visual, text).
+
+    alpha, k (leading basis columns kept), at_decode: one value or one per subspace. token_types: None (every
+    token, as the official code) or one entry per subspace (None or token types at prefill). fusion 'adaptive'
+    weighs the corrections by their size per token, 'parallel' by `ratios` (default equal), 'sequential' chains them."""
+    subs = list(subspaces)
+    if not subs:
+        raise InputError("projection needs at least one Subspace")
+    count, width = len(subs), subs[0].width
+    if any(s.width != width for s in subs):
+        raise InputError(f"projection: the subspaces have different widths {[s.width for s in subs]}; "
+                         "they must come from sites of the same width")
+    if fusion not in FUSIONS:
+        raise InputError(f"unknown fusion {fusion!r}; choose one of {FUSIONS}")
+    alpha = _per_subspace(alpha, count, "alpha")
+    ks = [s.k for s in subs] if k is None else [int(v) for v in _per_subspace(k, count, "k")]
+    for s, n in zip(subs, ks):
+        if not 1 <= n <= s.k:
+            raise InputError(f"projection: k={n} for the subspace {s.name!r}, which has {s.k} directions; "
+                             f"choose 1 <= k <= {s.k}")
+    max_k = max(s.k for s in subs) if max_k is None else max_k
+    if max_k < max(s.k for s in subs):
+        raise InputError(f"projection: max_k={max_k} is smaller than a subspace's {max(s.k for s in subs)} directions")
+    ratios = np.full(count, 1.0 / count) if ratios is None else np.asarray(_per_subspace(ratios, count, "ratios"))
+    if abs(float(ratios.sum()) - 1.0) > 1e-6:
+        raise InputError(f"projection: the parallel ratios must sum to 1, got {ratios.tolist()}")
+    if token_types is None:
+        token_types = [None] * count
+    if len(token_types) != count:
+        raise InputError(f"projection: token_types needs one entry per subspace ({count}), got {len(token_types)}")
+    decode = _per_subspace(at_decode, count, "at_decode")
+    basis = np.zeros((count, width, max_k), np.float32)  # [M, D, K]: zero-padded to max_k, so any k shares a shape
+    columns = np.zeros((count, max_k), np.float32)
+    for m, (s, n) in enumerate(zip(subs, ks)):
+        basis[m, :, :s.k] = s.basis
+        columns[m, :n] = 1.0
+    places = [placement(ALL_TYPES if t is None else t, bool(d)) for t, d in zip(token_types, decode)]
+    return {
+        "basis": jnp.asarray(basis),
+        "center": jnp.asarray(np.stack([np.asarray(s.center, np.float32) for s in subs])),
+        "columns": jnp.asarray(columns),
+        "alpha": jnp.asarray(np.asarray(alpha, np.float32)),
+        "ratios": jnp.asarray(ratios.astype(np.float32)),
+        "fusion": jnp.asarray(FUSIONS.index(fusion), jnp.int32),
+        "types": jnp.stack([q["types"] for q in places]),
+        "at_decode": jnp.stack([q["at_decode"] for q in places]),
+    }
+
+
+def care_projection(layers: Mapping[int, Iterable], *, kind: str = "mlp.out", **options) -> dict:
+    """hook_params projecting at `lm.layers.{l}.{kind}` with each layer's subspaces (the official code: the MLP
+    output of layers 12-14 of Qwen2.5-VL-7B, visual then text subspace, α = 4, adaptive fusion)."""
+    if not layers:
+        raise InputError("care_projection: no layers given")
+    return {f"lm.layers.{layer}.{kind}": projection(subs, **options) for layer, subs in layers.items()}
+
+
+def _per_subspace(value, count: int, what: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value] * count
+    if len(values) != count:
+        raise InputError(f"projection: {what} needs one value or one per subspace ({count}), got {len(values)}")
+    return values
