@@ -141,10 +141,11 @@ def test_bad_requests(tiny):
         collect(lm, [], SITES, progress=False)
 
 
-def test_real_smollm2_pooled_activations_match_pytorch(smollm2_dir, smollm2_reference, jbb_goals):
-    """Real weights, real JBB prompts in the chat template: mean over prompt tokens of the neurons at 3 layers."""
+def test_real_smollm2_pooled_activations_match_pytorch(smollm2_dir, smollm2_reference, prompt_sets):
+    """Real weights, real JBB and AlpacaEval prompts in the chat template: mean over prompt tokens of the neurons."""
     lm = load_pretrained(smollm2_dir)
-    rows = [encode_chat(lm.processor, goal) for goal in jbb_goals[:8]]
+    prompts = [e.prompt for e in prompt_sets["jbb"][:4]] + [e.prompt for e in prompt_sets["alpaca-eval"][:4]]
+    rows = [encode_chat(lm.processor, prompt) for prompt in prompts]
     batch = pad_left(rows, lm.processor.pad_token_id)
     sites = ["lm.layers.5.mlp.act", "lm.layers.15.mlp.act", "lm.layers.25.mlp.act"]
     got = collect(lm, [batch], sites, positions="prompt", vectors=True, progress=False)
