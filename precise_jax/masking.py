@@ -137,6 +137,11 @@ class NeuronDeltas:
         _check_matrices(self.matrices)
         if len(self.neurons) == 0:
             raise InputError("the neuron set is empty: there is nothing to train")
+        layers = sum(1 for k in params["lm"] if k.startswith("layers_"))
+        width = params["lm"]["layers_0"]["mlp"]["down_proj"]["kernel"].shape[0]
+        if (self.neurons.num_layers, self.neurons.width) != (layers, width):
+            raise InputError(f"the neuron set is for {self.neurons.num_layers} layers x {self.neurons.width} "
+                             f"neurons; this model has {layers} x {width}. Locate neurons on this model first.")
 
     def indices(self) -> dict[str, Array]:
         return {f"layers_{l}": jnp.asarray(idx, jnp.int32) for l, idx in self.neurons.neurons.items()}
@@ -151,7 +156,8 @@ class NeuronDeltas:
         def intercept(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             path = context.module.path
-            if (context.method_name != "__call__" or not isinstance(context.module, nn.Dense) or len(path) < 3
+            if (context.method_name != "__call__" or not isinstance(context.module, nn.Dense) or len(path) < 4
+                    or path[-4] != "lm"  # a vision tower's layers_{i}/mlp is not the language model's
                     or path[-2] != "mlp" or path[-3] not in deltas or path[-1] not in deltas[path[-3]]):
                 return out
             x, delta, idx = args[0], deltas[path[-3]][path[-1]], indices[path[-3]]
