@@ -1,6 +1,8 @@
 """Generalized eigen-decomposition and CARE subspaces against scipy / a float64 numpy reimplementation of the
 official code; CARE's kernel token selection against the official numpy scorers; storage; bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from ports import InputError, load_pretrained
 from ports.processing import TokenType
 from precise_jax.stats import Moments
 from precise_jax.subspace import (
-    Subspace, build_subspace, care_weights, collect_care, generalized_eigh, load_subspaces, modality_masks,
+    build_subspace, care_weights, collect_care, generalized_eigh, load_subspaces, modality_masks,
     save_subspaces, shrink, text_token_scores, visual_token_scores,
 )
 from tests.parity import left_padded_batch, randomize, rel_error
@@ -151,7 +153,7 @@ def test_orthonormal_mode_spans_the_generalized_eigenvectors(tmp_path):
     assert np.max(np.abs(s.eigenvalues - ref_w[::-1][:k]) / ref_w[::-1][:k]) <= 2e-5
     assert rel_error(s.center, benign.mean(0)) <= 1e-6
 
-    visual = dataclasses_replace(s, modality="visual", mode="faithful")
+    visual = dataclasses.replace(s, modality="visual", mode="faithful")
     path = save_subspaces(tmp_path / "care.safetensors", [s, visual], {"model": "tiny"})
     loaded, meta = load_subspaces(path)
     assert meta == {"model": "tiny"} and set(loaded) == {"text/lm.layers.3.resid", "visual/lm.layers.3.resid"}
@@ -160,12 +162,6 @@ def test_orthonormal_mode_spans_the_generalized_eigenvectors(tmp_path):
     np.testing.assert_array_equal(back.center, s.center)
     assert back.provenance["data"] == "unit-test" and back.provenance["shrinkage"] == gamma
     assert loaded["visual/lm.layers.3.resid"].mode == "faithful"
-
-
-def dataclasses_replace(s: Subspace, **changes) -> Subspace:
-    import dataclasses
-
-    return dataclasses.replace(s, **changes)
 
 
 def test_bad_input():
