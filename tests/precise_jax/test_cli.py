@@ -1,0 +1,34 @@
+"""The `precise-jax` command on the real SmolLM2 with a few real prompts."""
+
+import json
+
+from precise_jax.cli import main
+from precise_jax.neurons import NeuronSet
+
+
+def test_locate_writes_a_complete_folder_and_refuses_to_overwrite(smollm2_dir, tmp_path, capsys):
+    out = tmp_path / "locate"
+    args = ["locate", "--model", str(smollm2_dir), "--limit", "8", "--ratio", "0.01", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads((out / "result.json").read_text())
+    neurons = NeuronSet.load(out / "neurons.json")
+    assert result["neurons"] == len(neurons) > 0 and result["per_layer"] == neurons.per_layer()
+    assert neurons.metadata["harmful_examples"] == neurons.metadata["benign_examples"] == 8
+    assert 0 < result["parameter_fraction"] < 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locate"]  # no partial folders left behind
+
+    before = sorted(p.name for p in out.iterdir())
+    assert main(args) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_failed_command_leaves_nothing(smollm2_dir, tmp_path, capsys):
+    wrong = NeuronSet({0: [1, 2]}, 99, 3, {"model": "another-model"})
+    wrong.save(tmp_path / "wrong")
+    out = tmp_path / "ablate"
+    code = main(["ablate", "--model", str(smollm2_dir), "--neurons", str(tmp_path / "wrong.json"), "--limit", "4",
+                 "--out", str(out)])
+    assert code == 2
+    assert "Locate neurons on this model first" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ablate")]
