@@ -282,14 +282,14 @@ def table(result: dict) -> str:
     rows = [("JAX port (jit)", jx), ("PyTorch eager (sdpa)", pt)]
     mib = lambda kib: f"{kib / 1024:,.0f}"  # noqa: E731
     lines = [
-        "| framework | tokens/s (median) | s / forward: median [IQR] | CPU s / forward | peak RSS MiB "
+        "| framework | tokens/s (median) | s / forward: median [IQR] | CPU s / forward (÷ wall) | peak RSS MiB "
         "| RSS after imports / load / warm-up MiB | peak − loaded MiB |",
         "|---|---:|---|---:|---:|---|---:|",
     ]
     for name, r in rows:
         lines.append(
             f"| {name} | {n / r['median_s']:,.0f} | {r['median_s']:.3f} [{r['q1_s']:.3f}, {r['q3_s']:.3f}] | "
-            f"{r['median_cpu_s']:.2f} | "
+            f"{r['median_cpu_s']:.2f} ({r['median_cpu_s'] / r['median_s']:.2f}) | "
             f"{mib(r['peak_rss_kib'])} | {mib(r['rss_after_imports_kib'])} / {mib(r['rss_after_load_kib'])} / "
             f"{mib(r['rss_after_warmup_kib'])} | "
             f"{mib(r['peak_rss_kib'] - r['rss_after_load_kib'])} |"
@@ -310,6 +310,7 @@ def markdown(result: dict) -> str:
 - versions: python {v['python']}, jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, transformers {v['transformers']}
 - command: `{result['command']}`
 - input: {result['batch']} rows × {result['tokens']} tokens of real English text (docstrings of the Python standard-library modules {', '.join(TEXT_MODULES)}, cycled), no padding
+- CPU s ÷ wall is the parallelism a child got: near the thread count on an idle machine, lower when other processes take CPUs (then PyTorch's OpenMP threads wait on each other at every op's barrier while JAX's thread pool just runs slower; compare the one-thread sections for a like-for-like number)
 - threads: both children pinned to CPUs {result['cpus']}; torch.get_num_threads() = {pt['torch_num_threads']} (interop {pt['torch_num_interop_threads']}); XLA CPU: default Eigen thread pool over those CPUs, XLA_FLAGS=`{jx['xla_flags'] or '(unset)'}`
 - {result['repeats']} timed repetitions each after {result['warmup']} warm-up call(s), the two frameworks' repetitions alternating (both children alive, one running at a time) so that load from other processes hits both alike; JAX timed with `block_until_ready`, PyTorch under `torch.inference_mode()`, `use_cache=False`; load average {result['loadavg']} before, {result['loadavg_after']} after
 
