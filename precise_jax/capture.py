@@ -30,6 +30,9 @@ from precise_jax.stats import Moments
 
 POOLS = ("mean", "last", "max", "tokens")
 Positions = str | Callable[[Mapping], np.ndarray]
+# A pooling of one's own, traced inside the jitted step (hashable: it is a static argument):
+# (acts [B, T, W], mask [B, T] bool, token_types [B, T] int) -> (samples [B, W], weights [B]).
+Pool = str | Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 def model_inputs(batch: Mapping) -> dict:
@@ -116,12 +119,16 @@ def pool_tokens(x: jax.Array, mask: jax.Array, how: str) -> tuple[jax.Array, jax
 @functools.partial(
     jax.jit, static_argnames=("model", "sites", "pool", "covariance", "keep"), donate_argnames=("state",)
 )
-def _step(model, sites, pool, covariance, keep, params, inputs, mask, row_valid, state):
+def _step(model, sites, pool, covariance, keep, params, inputs, mask, row_valid, token_types, state):
     acts = _site_values(model, sites, params, inputs)
     mask = mask & row_valid[:, None]
     new_state, vectors = {}, {}
     for name in sites:
-        samples, weight = pool_tokens(acts[name], mask, pool)
+        if callable(pool):
+            samples, weight = pool(acts[name], mask, token_types)
+            weight = weight * row_valid
+        else:
+            samples, weight = pool_tokens(acts[name], mask, pool)
         if state is not None:
             new_state[name] = state[name].update(samples, weight)
         if keep:
@@ -145,7 +152,7 @@ def collect(
     sites: Iterable[str],
     *,
     positions: Positions = "prompt",
-    pool: str = "mean",
+    pool: Pool = "mean",
     stats: bool = True,
     covariance: Iterable[str] = (),
     vectors: bool = False,
@@ -155,11 +162,12 @@ def collect(
     """Run every batch through `lm` and pool the sites' activations over `positions` (see `positions_mask`).
 
     Batches carry HF keys plus `token_types`, optionally `row_valid` [B] (padding rows) and `ids`. Statistics are
-    float32 at highest precision; covariances only for the sites listed in `covariance`.
+    float32 at highest precision; covariances only for the sites listed in `covariance`. `pool` is a name in
+    POOLS or a function of one's own (see `Pool`; e.g. `precise_jax.subspace.CarePool`).
     """
     sites = tuple(sites)
     check_sites(sites, available_sites(lm))
-    if pool not in POOLS:
+    if not callable(pool) and pool not in POOLS:
         raise InputError(f"unknown pooling {pool!r}; choose one of {POOLS}")
     covariance = tuple(covariance)
     check_sites(covariance, sites)
@@ -179,8 +187,11 @@ def collect(
         valid, batch_ids = row_info(batch)
         inputs = model_inputs({k: v for k, v in batch.items() if k not in ("row_valid", "ids")})
         lm.model.check_batch(inputs)
+        if callable(pool) and "token_types" not in batch:
+            raise InputError("a pooling function reads the batch's token_types; build batches with precise_jax.data")
+        types = jnp.asarray(batch["token_types"]) if callable(pool) else None
         state, pooled = _step(lm.model, sites, pool, covariance, vectors, lm.params, inputs,
-                              jnp.asarray(mask), jnp.asarray(valid), state)
+                              jnp.asarray(mask), jnp.asarray(valid), types, state)
         if vectors:
             for name in sites:
                 kept[name].append(np.asarray(pooled[name])[valid])
@@ -193,11 +204,11 @@ def collect(
     if seen == 0:
         raise InputError("collect got no examples: the batches were empty")
     metadata = {
-        "model": str(lm.source) if lm.source is not None else lm.hf_config.get("_name_or_path", "unknown"),
+        "model": lm.model_id,
         "model_type": lm.hf_config.get("model_type"),
         "sites": list(sites),
         "positions": positions if isinstance(positions, str) else getattr(positions, "__name__", "custom"),
-        "pool": pool,
+        "pool": pool if isinstance(pool, str) else getattr(pool, "__name__", repr(pool)),
         "dtype": np.dtype(lm.dtype).name,
         "examples": seen,
         "data": digest.hexdigest()[:16],

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -28,12 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
 from ports.errors import InputError, PreciseJaxError
 from ports.processing import TokenType
-from precise_jax.capture import Collected, available_sites, capture, model_inputs, row_info
-from precise_jax.sites import check_sites
+from precise_jax.capture import Collected, collect
 from precise_jax.stats import Moments
 
 Array = jax.Array
@@ -328,17 +324,27 @@ def load_subspaces(path: str | Path) -> tuple[dict[str, Subspace], dict]:
 def modality_masks(batch: Mapping) -> tuple[np.ndarray, np.ndarray]:
     """CARE's token groups [B, T] bool: visual = image tokens; text = real tokens after the last image token
     (all real tokens of a row without an image)."""
+    visual, text = _groups(jnp.asarray(_real_tokens(batch)), jnp.asarray(batch["token_types"]))
+    return np.asarray(visual), np.asarray(text)
+
+
+def _real_tokens(batch: Mapping) -> np.ndarray:
+    """[B, T] bool: the non-pad tokens (by token type and attention mask)."""
     if "token_types" not in batch:
         raise InputError("CARE token selection needs the batch's token_types; build batches with precise_jax.data")
-    types = np.asarray(batch["token_types"])
-    real = types != TokenType.PAD
+    real = np.asarray(batch["token_types"]) != TokenType.PAD
     if batch.get("attention_mask") is not None:
         real &= np.asarray(batch["attention_mask"]).astype(bool)
+    return real
+
+
+def _groups(real: Array, types: Array) -> tuple[Array, Array]:
+    """(visual, text) [B, T] bool of the real tokens (see modality_masks); traceable."""
     # The official scripts slice [<|vision_start|>, <|vision_end|>), one marker token more than the image tokens.
     visual = real & (types == TokenType.IMAGE)
     t = types.shape[1]
-    last = np.where(visual.any(1), t - 1 - np.argmax(visual[:, ::-1], axis=1), -1)  # [B]
-    text = real & (np.arange(t)[None, :] > last[:, None])
+    last = jnp.where(visual.any(1), t - 1 - jnp.argmax(visual[:, ::-1], axis=1), -1)  # [B]
+    text = real & (jnp.arange(t)[None, :] > last[:, None])
     return visual, text
 
 
@@ -446,18 +452,34 @@ def _pool(acts: Array, weights: Array) -> Array:
     return jnp.einsum("btd,bt->bd", acts.astype(jnp.float32), weights, precision=HIGHEST)
 
 
+@dataclasses.dataclass(frozen=True)
+class CarePool:
+    """CARE's per-example vector of `modality` as a `capture.collect` pooling: (acts [B, T, D], real [B, T],
+    token_types [B, T]) -> (vectors [B, D], weights [B]); token scores come from the same site's activations."""
+
+    modality: str
+    selection: str = "kernel"
+    visual_fraction: float = 0.125
+    text_fraction: float = 0.2
+    max_sq_dist: float = 1e6
+
+    def __post_init__(self):
+        _check_choice(self.modality, MODALITIES, "modality")
+        _check_choice(self.selection, SELECTIONS, "selection")
+
+    def __call__(self, acts: Array, real: Array, token_types: Array) -> tuple[Array, Array]:
+        visual, text = _groups(real, token_types)
+        w = care_weights(acts, visual, text, real, modality=self.modality, selection=self.selection,
+                         visual_fraction=self.visual_fraction, text_fraction=self.text_fraction,
+                         max_sq_dist=self.max_sq_dist)
+        return _pool(acts, w), jnp.any(real, axis=1).astype(jnp.float32)
+
+
 def care_vectors(acts: Array, batch: Mapping, modality: str, *, selection: str = "kernel", **options) -> Array:
     """acts [B, T, D] of one site -> CARE's per-example vectors [B, D] (kernel-selected or mean-pooled tokens)."""
-    _check_choice(modality, MODALITIES, "modality")
-    _check_choice(selection, SELECTIONS, "selection")
-    visual, text = modality_masks(batch)
-    real = np.asarray(batch["token_types"]) != TokenType.PAD
-    w = care_weights(acts, jnp.asarray(visual), jnp.asarray(text), jnp.asarray(real), modality=modality,
-                     selection=selection, **options)
-    return _pool(acts, w)
-
-
-_update = jax.jit(Moments.update)
+    pool = CarePool(modality, selection, **options)
+    real = _real_tokens(batch)
+    return pool(acts, jnp.asarray(real), jnp.asarray(batch["token_types"]))[0]
 
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
@@ -474,49 +496,12 @@ def collect_care(
     selection: str = "kernel",
     covariance: bool = True,
     vectors: bool = False,
+    total: int | None = None,
     progress: bool = True,
     **options,
 ) -> Collected:
     """CARE's per-example vectors of `modality` at each site (scores from that site's own activations), as
     streaming Moments (with covariance, for build_subspace) and/or kept vectors [examples, width]."""
     sites = tuple(sites)
-    check_sites(sites, available_sites(lm))
-    _check_choice(modality, MODALITIES, "modality")
-    _check_choice(selection, SELECTIONS, "selection")
-    state: dict[str, Moments] = {}
-    kept: dict[str, list] = {name: [] for name in sites}
-    digest, seen, ids = hashlib.sha256(), 0, []
-    bar = tqdm(unit="ex", desc=f"care {modality}", file=sys.stderr, dynamic_ncols=True, disable=not progress)
-    for batch in batches:
-        valid, batch_ids = row_info(batch)
-        inputs = model_inputs({k: v for k, v in batch.items() if k not in ("row_valid", "ids")})
-        acts = capture(lm, inputs, sites)
-        for name in sites:
-            pooled = care_vectors(acts[name], batch, modality, selection=selection, **options)  # [B, D]
-            if name not in state:
-                state[name] = Moments.zeros(pooled.shape[-1], covariance)
-            state[name] = _update(state[name], pooled, jnp.asarray(valid, jnp.float32))
-            if vectors:
-                kept[name].append(np.asarray(pooled)[valid])
-        if batch_ids is not None:
-            ids += [i for i, ok in zip(batch_ids, valid) if ok]
-        digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
-        seen += int(valid.sum())
-        bar.update(int(valid.sum()))
-    bar.close()
-    if seen == 0:
-        raise InputError("collect_care got no examples: the batches were empty")
-    metadata = {
-        "model": str(lm.source) if lm.source is not None else lm.hf_config.get("_name_or_path", "unknown"),
-        "model_type": lm.hf_config.get("model_type"),
-        "sites": list(sites),
-        "positions": f"care-{modality}",
-        "pool": selection,
-        "options": {k: float(v) for k, v in options.items()},
-        "dtype": np.dtype(lm.dtype).name,
-        "examples": seen,
-        "data": digest.hexdigest()[:16],
-    }
-    return Collected(stats=state, vectors={n: np.concatenate(kept[n]) for n in sites} if vectors else None,
-                     ids=ids or None, metadata=metadata)
-
+    return collect(lm, batches, sites, positions="all", pool=CarePool(modality, selection, **options),
+                   covariance=sites if covariance else (), vectors=vectors, total=total, progress=progress)
