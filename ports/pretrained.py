@@ -18,7 +18,8 @@ import numpy as np
 from ports import llama, llava, llava_onevision, qwen2, qwen2_vl, qwen3
 from ports.errors import CheckpointError, UnsupportedArchitectureError
 from ports.layers import CausalLM
-from ports.weights import Checkpoint, Rule, export_tensors, flatten, load_params, write_safetensors
+from ports.weights import (Checkpoint, Rule, export_tensors, flatten, load_params, load_sharded_params,
+                           write_safetensors)
 
 
 def text_example(config) -> dict:
@@ -109,8 +110,12 @@ def abstract_params(model: nn.Module, example: dict) -> dict[str, tuple[int, ...
     return {path: leaf.shape for path, leaf in flatten(shapes).items()}
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
-    """Load a Hugging Face model folder (config.json + safetensors) into a port, strictly, in `dtype`."""
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Pretrained:
+    """Load a Hugging Face model folder (config.json + safetensors) into a port, strictly, in `dtype`.
+
+    With a `mesh` (`precise_jax.distributed.make_mesh`), parameters are laid out by the logical axis rules and each
+    process reads only the slices its devices hold.
+    """
     import transformers
 
     folder = Path(path)
@@ -120,10 +125,15 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
     hf = transformers.AutoConfig.from_pretrained(folder)
     config = family.config_from_hf(hf)
     model = family.build(config, dtype)
-    params = load_params(
-        checkpoint, family.weight_rules(config), abstract_params(model, family.example_batch(config)),
-        convert=lambda _, array: jnp.asarray(array).astype(dtype),
-    )
+    expected = abstract_params(model, family.example_batch(config))
+    if mesh is None:
+        params = load_params(checkpoint, family.weight_rules(config), expected,
+                             convert=lambda _, array: jnp.asarray(array).astype(dtype))
+    else:
+        from precise_jax.distributed import param_sharding
+
+        params = load_sharded_params(checkpoint, family.weight_rules(config), expected,
+                                     lambda path, shape: param_sharding(path, shape, mesh), dtype)
     return Pretrained(model, params, config, _load_processor(folder, family), config_dict, folder)
 
 

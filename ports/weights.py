@@ -146,6 +146,17 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {key!r} from {path} ({e}); the file may be truncated") from e
 
+    def read(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The part `index` (one slice per dimension) of a tensor: only those bytes are read."""
+        path = self.folder / self._file_of[key]
+        try:
+            with safe_open(str(path), framework="np") as f:
+                part = f.get_slice(key)
+                return part[index] if index else f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {index} of tensor {key!r} from {path} ({e}); the file may be "
+                                  "truncated") from e
+
     def shape(self, key: str) -> tuple[int, ...]:
         with safe_open(str(self.folder / self._file_of[key]), framework="np") as f:
             return tuple(f.get_slice(key).get_shape())
@@ -201,6 +212,68 @@ def load_params(
     Every checkpoint tensor must be consumed by a rule and every expected parameter filled with the right shape,
     else one CheckpointError lists what is missing, unexpected and mis-shaped. `convert(path, array)` places a leaf.
     """
+    plan = plan_params(checkpoint, rules, expected)
+    return unflatten({path: convert(path, t.to_port(checkpoint.get(key))) for path, (key, t) in plan.items()})
+
+
+def load_sharded_params(
+    checkpoint: Checkpoint,
+    rules: Iterable[Rule],
+    expected: Mapping[str, tuple[int, ...]],
+    sharding: Callable[[str, tuple[int, ...]], object],
+    dtype,
+) -> dict:
+    """As `load_params`, but each leaf is a global jax.Array laid out by `sharding(path, shape)`, built from the
+    slices its addressable devices hold: a process reads only those bytes of the checkpoint, never whole tensors
+    it does not need (a transposed tensor is read as the transposed slice)."""
+    import jax
+
+    dtype = np.dtype(dtype)
+    out = {}
+    for path, (key, transform) in plan_params(checkpoint, rules, expected).items():
+        shape = tuple(expected[path])
+        read = _slice_reader(checkpoint, key, transform, checkpoint.shape(key), dtype)
+        out[path] = jax.make_array_from_callback(shape, sharding(path, shape), read)
+    return unflatten(out)
+
+
+def _slice_reader(checkpoint: Checkpoint, key: str, transform: Transform, hf_shape: tuple[int, ...], dtype):
+    """index in the port's layout -> that part of the port parameter, read from the HF tensor's matching part."""
+    permutation = _axis_permutation(transform, len(hf_shape))
+    cache: dict[tuple, np.ndarray] = {}  # devices holding the same part (replicas) share one read
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index)
+        marker = tuple((s.start, s.stop, s.step) for s in index)
+        if marker not in cache:
+            if permutation is None:  # not a pure axis permutation: read whole, then cut (no table uses one)
+                cache[marker] = transform.to_port(checkpoint.get(key))[index].astype(dtype)
+            else:
+                hf_index = [slice(None)] * len(hf_shape)
+                for port_axis, hf_axis in enumerate(permutation):
+                    hf_index[hf_axis] = index[port_axis]
+                part = checkpoint.read(key, tuple(hf_index))
+                cache[marker] = np.ascontiguousarray(np.transpose(part, permutation)).astype(dtype)
+        return cache[marker]
+
+    return read
+
+
+def _axis_permutation(transform: Transform, ndim: int) -> tuple[int, ...] | None:
+    """`p` with to_port(a) == transpose(a, p) for every a of `ndim` dims, or None if the transform is not one."""
+    sizes = tuple(range(2, 2 + ndim))  # distinct sizes identify each axis
+    probe = np.arange(int(np.prod(sizes))).reshape(sizes)
+    moved = transform.to_port(probe)
+    if sorted(moved.shape) != sorted(sizes):
+        return None
+    permutation = tuple(sizes.index(n) for n in moved.shape)
+    return permutation if np.array_equal(moved, np.transpose(probe, permutation)) else None
+
+
+def plan_params(
+    checkpoint: Checkpoint, rules: Iterable[Rule], expected: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[str, Transform]]:
+    """port path -> (HF key, transform) for every expected parameter; one CheckpointError lists every mismatch."""
     rules = list(rules)
     plan: dict[str, tuple[str, Transform]] = {}  # port path -> (hf key, transform)
     unexpected, misshaped, misshaped_paths = [], [], set()
@@ -224,7 +297,7 @@ def load_params(
     missing = [p for p in expected if p not in plan and p not in misshaped_paths]
     if unexpected or missing or misshaped:
         raise CheckpointError(_mismatch_message(checkpoint.folder, missing, unexpected, misshaped))
-    return unflatten({path: convert(path, t.to_port(checkpoint.get(key))) for path, (key, t) in plan.items()})
+    return plan
 
 
 def _transformed_shape(shape: tuple[int, ...], transform: Transform) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from ports.errors import InputError
 from ports.generate import NOT_MODEL_INPUTS
 from ports.layers import Site
 from ports.pretrained import Pretrained
+from precise_jax.distributed import gather, host_batch, host_rows, process_sum
 from precise_jax.sites import check_sites, site_filter, site_name
 from precise_jax.stats import Moments
 
@@ -158,12 +159,15 @@ def collect(
     vectors: bool = False,
     total: int | None = None,
     progress: bool = True,
+    mesh=None,
 ) -> Collected:
     """Run every batch through `lm` and pool the sites' activations over `positions` (see `positions_mask`).
 
     Batches carry HF keys plus `token_types`, optionally `row_valid` [B] (padding rows) and `ids`. Statistics are
     float32 at highest precision; covariances only for the sites listed in `covariance`. `pool` is a name in
-    POOLS or a function of one's own (see `Pool`; e.g. `precise_jax.subspace.CarePool`).
+    POOLS or a function of one's own (see `Pool`; e.g. `precise_jax.subspace.CarePool`). With a `mesh`
+    (`precise_jax.distributed`), every process passes its own rows, split over the mesh's data axes: statistics
+    are reduced over all processes and readable on each; vectors and ids are this process's rows.
     """
     sites = tuple(sites)
     check_sites(sites, available_sites(lm))
@@ -189,18 +193,23 @@ def collect(
         lm.model.check_batch(inputs)
         if callable(pool) and "token_types" not in batch:
             raise InputError("a pooling function reads the batch's token_types; build batches with precise_jax.data")
-        types = jnp.asarray(batch["token_types"]) if callable(pool) else None
+        types = batch["token_types"] if callable(pool) else None
+        inputs, placed_mask, placed_valid, types = _place(mesh, batch, inputs, mask, valid, types)
         state, pooled = _step(lm.model, sites, pool, covariance, vectors, lm.params, inputs,
-                              jnp.asarray(mask), jnp.asarray(valid), types, state)
+                              placed_mask, placed_valid, types, state)
         if vectors:
             for name in sites:
-                kept[name].append(np.asarray(pooled[name])[valid])
+                rows = np.asarray(pooled[name]) if mesh is None else host_rows(mesh, pooled[name])
+                kept[name].append(rows[valid])
         if batch_ids is not None:
             ids += [i for i, ok in zip(batch_ids, valid) if ok]
         digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
         seen += int(valid.sum())
         bar.update(int(valid.sum()))
     bar.close()
+    if mesh is not None:
+        seen = process_sum(seen)
+        state = gather(state, mesh) if state is not None else None
     if seen == 0:
         raise InputError("collect got no examples: the batches were empty")
     metadata = {
@@ -219,6 +228,16 @@ def collect(
         ids=ids or None,
         metadata=metadata,
     )
+
+
+def _place(mesh, batch: Mapping, inputs: dict, *rows):
+    """Model inputs and per-row arrays on device: as given without a mesh; with one, this process's rows become
+    its part of global arrays split over the mesh's data axes."""
+    if mesh is None:
+        return inputs, *(None if a is None else jnp.asarray(a) for a in rows)
+    placed = host_batch(mesh, {**{k: batch[k] for k in inputs}, **{str(i): a for i, a in enumerate(rows)
+                                                                  if a is not None}})
+    return {k: placed[k] for k in inputs}, *(placed.get(str(i)) for i in range(len(rows)))
 
 
 def row_info(batch: Mapping) -> tuple[np.ndarray, list | None]:
