@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
+import sys
+import time
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -34,7 +37,8 @@ class Located:
 
 
 def model_id(lm) -> str:
-    return str(lm.source) if lm.source is not None else str(lm.hf_config.get("_name_or_path", "unknown"))
+    """`lm.model_id` (kept for callers of this name)."""
+    return lm.model_id
 
 
 def neuron_stats(lm, examples: Sequence, *, positions: str = "prompt", pool: str = "mean", batch_size: int = 8,
@@ -93,23 +97,29 @@ def causal_check(
     max_new_tokens: int = 48,
     batch_size: int = 8,
     progress: bool = True,
+    unedited: Sequence[str] | None = None,
 ) -> dict:
     """Refusal rate and refusal logit score on `harmful` prompts: unedited, with `neurons` ablated, and with
-    random sets of the same size per layer (one per seed). Safety neurons should lower refusal far more."""
+    random sets of the same size per layer (one per seed). Safety neurons should lower refusal far more.
+    `unedited`: the unedited model's greedy responses to `harmful`, when already generated."""
     if random_seeds < 1:
         raise InputError("the causal check needs at least one random control set")
     languages = [getattr(e, "language", "en") for e in harmful]
     refusal_ids = refusal_token_ids(getattr(lm.processor, "tokenizer", lm.processor))
 
-    def measure(label, params):
-        texts = respond(lm, harmful, batch_size=batch_size, max_new_tokens=max_new_tokens, hook=unit_edit_hook,
-                        hook_params=params, progress=progress, description=label)
+    if unedited is not None and len(unedited) != len(harmful):
+        raise InputError(f"{len(unedited)} unedited responses for {len(harmful)} prompts")
+
+    def measure(label, params, texts=None):
+        if texts is None:
+            texts = respond(lm, harmful, batch_size=batch_size, max_new_tokens=max_new_tokens, hook=unit_edit_hook,
+                            hook_params=params, progress=progress, description=label)
         scores = refusal_scores(lm, harmful, refusal_ids, batch_size=batch_size, hook_params=params)
         refused = refusal_keyword_judge(texts, languages)
         return {"refusal_rate": float(refused.mean()), "refusal_logit": float(scores.mean()),
                 "responses": texts}
 
-    base = measure("unedited", {})
+    base = measure("unedited", {}, None if unedited is None else list(unedited))
     target = measure("safety neurons", neuron_ablation(neurons, kind, means=means))
     controls = [measure(f"random set {s}", neuron_ablation(random_like(neurons, s), kind, means=means))
                 for s in range(random_seeds)]
@@ -186,3 +196,220 @@ def within_length(examples: Sequence, lm, max_tokens: int) -> list:
         if len(ids) <= max_tokens:
             keep.append(example)
     return keep
+
+
+# ----------------------------------------------------------------------------------------------------- pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every option of the end-to-end run (locate -> causal check -> align -> evaluate). Counts are per
+    condition; the held-out prompts are never seen by locating or training."""
+
+    languages: tuple[str, ...] = ("en",)
+    modalities: tuple[str, ...] = ("text",)
+    locate_examples: int = 64  # harmful and as many benign prompts per condition for the neuron statistics
+    train_examples: int = 64  # harmful -> refusal and as many benign -> answer pairs per condition
+    eval_examples: int = 32  # held-out harmful and benign prompts per condition
+    held_out: float = 0.3
+    max_tokens: int = 192  # prompts (and training pairs) longer than this are dropped
+    seed: int = 0
+    score: str = "plnd"
+    ratio: float = 0.01
+    budget: int | None = None
+    positions: str = "prompt"
+    pool: str = "mean"
+    combine: str = "union"
+    ablation: str = "zero"
+    random_seeds: int = 2  # random neuron sets in the causal check
+    mode: str = "lean"
+    epochs: int = 2
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    baselines: tuple[str, ...] = ()  # "random": the same training on a random neuron set of the same size
+    max_new_tokens: int = 32
+    batch_size: int = 8
+
+
+class _Stages:
+    """Prints each stage of a long run with its wall time (stderr) and keeps the timings for the results."""
+
+    def __init__(self, progress: bool):
+        self.progress, self.seconds, self._start = progress, {}, time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.progress:
+            print(f"[{time.perf_counter() - self._start:7.1f} s] {name} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - started, 1)
+        if self.progress:
+            print(f"[{time.perf_counter() - self._start:7.1f} s] {name}: done in {self.seconds[name]} s",
+                  file=sys.stderr, flush=True)
+
+
+def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig = PipelineConfig(), *,
+                 translations=None, translator=None, refusals: Mapping[str, Sequence[str]] = REFUSALS,
+                 progress: bool = True) -> dict:
+    """Precise Shield end to end on one model: locate safety neurons per condition, check that ablating them
+    changes refusal more than random sets of the same size, align by neuron-restricted fine-tuning, and evaluate
+    the original, the aligned model (and any baselines) on held-out harmful and benign prompts per condition.
+
+    Returns the results as plain data (see `precise_jax.report.shield_report` for the rendered form), plus the
+    objects a caller may want to keep under the keys "_neurons" (Located) and "_models" ({name: Pretrained}).
+    """
+    from precise_jax.data import build_conditions, split_examples
+    from precise_jax.evaluate import before_after_by_condition, rates_by_condition, utility_cost
+    from precise_jax.train import TrainConfig, train
+
+    stage = _Stages(progress)
+    if config.mode not in NEURON_MODES_FOR_PIPELINE:
+        raise InputError(f"the pipeline aligns with a neuron mode {NEURON_MODES_FOR_PIPELINE}, got {config.mode!r}")
+    unknown = set(config.baselines) - set(BASELINES)
+    if unknown:
+        raise InputError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
+
+    with stage("data"):
+        parts = {}
+        for label, examples in (("harmful", harmful), ("benign", benign)):
+            if not examples:
+                raise InputError(f"the {label} prompt set is empty")
+            fit, held_out = split_examples(list(examples), config.held_out, seed=config.seed)
+            fit = within_length(fit, lm, config.max_tokens)
+            held_out = within_length(held_out, lm, config.max_tokens)
+            need = max(config.locate_examples, config.train_examples)
+            if len(fit) < 2 or len(held_out) < 2:
+                raise InputError(f"the {label} set leaves {len(fit)} fitting and {len(held_out)} held-out prompts "
+                                 f"within {config.max_tokens} tokens; give more prompts or raise --max-tokens")
+            parts[label] = (fit[:need], held_out[: config.eval_examples])
+        grid = {label: {which: build_conditions(part, config.languages, config.modalities,
+                                                translations=translations, translator=translator, seed=config.seed)
+                        for which, part in zip(("fit", "held_out"), parts[label])}
+                for label in parts}
+        conditions = [c.name for c in grid["harmful"]["fit"]]
+        cell = lambda label, which: {c.name: v for c, v in grid[label][which].items()}  # noqa: E731
+
+    with stage("locate safety neurons"):
+        located = locate(lm, {k: v[: config.locate_examples] for k, v in cell("harmful", "fit").items()},
+                         {k: v[: config.locate_examples] for k, v in cell("benign", "fit").items()},
+                         score=config.score, ratio=config.ratio, budget=config.budget, positions=config.positions,
+                         pool=config.pool, how=config.combine, batch_size=config.batch_size, progress=progress)
+        neurons = located.neurons
+        if len(neurons) == 0:
+            raise InputError("no safety neurons were found (the harmful top-k equals the benign top-k in every "
+                             "layer); raise --ratio or give more prompts")
+
+    held_harmful = [e for cond in conditions for e in cell("harmful", "held_out")[cond]]
+    held_benign = [e for cond in conditions for e in cell("benign", "held_out")[cond]]
+
+    def answers(model, examples, description):
+        texts = respond(model, examples, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                        progress=progress, description=description)
+        return texts, refusal_keyword_judge(texts, [e.language for e in examples])
+
+    models = {"original": lm}
+    responses = {}
+    with stage("evaluate the original model"):
+        responses["original"] = (answers(lm, held_harmful, "original: harmful"),
+                                 answers(lm, held_benign, "original: benign"))
+
+    with stage("causal check"):
+        check = causal_check(lm, neurons, held_harmful, kind=config.ablation, means=located.benign_stats,
+                             random_seeds=config.random_seeds, max_new_tokens=config.max_new_tokens,
+                             batch_size=config.batch_size, progress=progress,
+                             unedited=responses["original"][0][0])
+
+    train_config = TrainConfig(mode=config.mode, epochs=config.epochs, batch_size=config.batch_size,
+                               learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                               max_length=config.max_tokens, seed=config.seed)
+    pairs = alignment_examples(
+        [e for cond in conditions for e in cell("harmful", "fit")[cond][: config.train_examples]],
+        [e for cond in conditions for e in cell("benign", "fit")[cond][: config.train_examples]],
+        refusals=refusals)
+    pairs = within_length(pairs, lm, config.max_tokens)
+    trained_sets = {"aligned": neurons}
+    if "random" in config.baselines:
+        trained_sets["random neurons"] = random_like(neurons, config.seed)
+    training = {}
+    for name, neuron_set in trained_sets.items():
+        with stage(f"train: {name}"):
+            result = train(lm, pairs, neuron_set, train_config, progress=progress)
+        models[name] = result.model
+        training[name] = {"mode": config.mode, "neurons": len(neuron_set), "trainable": result.trainable,
+                          "total": result.total, "trainable_fraction": result.fraction, "steps": len(result.losses),
+                          "loss_first": result.losses[0], "loss_last": result.losses[-1], "losses": result.losses,
+                          "seconds": result.seconds}
+        with stage(f"evaluate: {name}"):
+            responses[name] = (answers(result.model, held_harmful, f"{name}: harmful"),
+                               answers(result.model, held_benign, f"{name}: benign"))
+
+    with stage("compare with the original"):
+        reference = [e for e in held_benign if e.response]
+        before_h, before_b = responses["original"][0][1], responses["original"][1][1]
+        evaluation = {}
+        for name, ((_, h_refused), (_, b_refused)) in responses.items():
+            entry = {"harmful_refusal": rates_by_condition(h_refused, held_harmful, seed=config.seed),
+                     "attack_success": rates_by_condition(~h_refused, held_harmful, seed=config.seed),
+                     "benign_refusal": rates_by_condition(b_refused, held_benign, seed=config.seed)}
+            if name != "original":
+                for label, before, after, held in (("harmful", before_h, h_refused, held_harmful),
+                                                   ("benign", before_b, b_refused, held_benign)):
+                    entry[f"{label}_refusal_change"] = {
+                        cond: v["change"] for cond, v in before_after_by_condition(before, after, held,
+                                                                                    seed=config.seed).items()}
+                cost = utility_cost(lm, reference, params=models[name].params, batch_size=config.batch_size,
+                                    progress=progress, seed=config.seed)
+                entry["utility"] = {"next_token_kl": cost.kl, "perplexity_original": cost.perplexity_original,
+                                    "perplexity": cost.perplexity_modified, "perplexity_ratio": cost.perplexity_ratio,
+                                    "tokens": cost.tokens}
+            evaluation[name] = entry
+
+    examples = {name: {"harmful": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
+                                   for e, t, r in zip(held_harmful, *responses[name][0])],
+                       "benign": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
+                                  for e, t, r in zip(held_benign, *responses[name][1])]}
+                for name in responses}
+    return {
+        "model": model_id(lm),
+        "config": dataclasses.asdict(config),
+        "conditions": conditions,
+        "data": {"harmful_fit": len(parts["harmful"][0]), "harmful_held_out": len(parts["harmful"][1]),
+                 "benign_fit": len(parts["benign"][0]), "benign_held_out": len(parts["benign"][1]),
+                 "training_pairs": len(pairs), "sources": sorted({e.source for e in [*harmful, *benign]})},
+        "neurons": {"count": len(neurons), "per_layer": neurons.per_layer(),
+                    "per_condition": {k: len(v) for k, v in located.per_condition.items()},
+                    "overlap": {"conditions": located.overlap[0], "jaccard": np.asarray(located.overlap[1]).tolist()},
+                    "parameter_fraction": training["aligned"]["trainable_fraction"]},
+        "causal_check": {k: v for k, v in check.items() if k not in ("unedited", "safety_neurons", "random")}
+        | {"safety_neurons": _without_responses(check["safety_neurons"]),
+           "random": [_without_responses(r) for r in check["random"]],
+           "unedited": _without_responses(check["unedited"])},
+        "training": training,
+        "evaluation": plain(evaluation),
+        "responses": examples,
+        "seconds": stage.seconds,
+        "_neurons": located,
+        "_models": models,
+    }
+
+
+NEURON_MODES_FOR_PIPELINE = ("lean", "masked")
+BASELINES = ("random",)
+
+
+def plain(value):
+    """Results as JSON-ready data: dataclasses (e.g. `evaluate.Estimate`) become dicts, arrays lists."""
+    if dataclasses.is_dataclass(value):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _without_responses(measured: dict) -> dict:
+    return {k: v for k, v in measured.items() if k != "responses"}

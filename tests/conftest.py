@@ -52,3 +52,23 @@ def jbb_judge_pairs():
     path = archive_member(fetch_archive("jailbreakbench", "0.1.3"), "jailbreakbench/data/classifier_comparison.csv")
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama (2 layers, d=32, d_ff=48) with SmolLM2's real tokenizer and chat template, as an HF
+    folder: the whole pipeline's mechanics in seconds."""
+    import torch
+    import transformers
+
+    from tests.parity import randomize
+
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    randomize(transformers.LlamaForCausalLM(config), seed=5).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
