@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -35,15 +34,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.forward import cpu_detail, cpu_model, peak_rss_kib, rss_kib, stats, versions  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    Child, cpu_detail, cpu_model, loadavg, peak_rss_kib, protocol_stream, replace_section, rss_kib, stats, versions,
+)
+from benchmarks.common import begin as _begin, end as _end, logger  # noqa: E402
 
-RESULTS = ROOT / "BENCHMARKS.md"
 VARIANTS = ("jax-masked", "jax-lean", "jax-full", "torch-masked")
 LR, WEIGHT_DECAY, MAX_NORM = 1e-5, 0.01, 1.0
 
 
-def log(message: str) -> None:
-    print(f"[train_step {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("train_step")
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
@@ -80,36 +80,38 @@ def random_neurons(num_layers: int, width: int, per_layer: int) -> dict[int, np.
 # parent and answers with its wall seconds.
 
 
-def setup_jax(args, data: dict, neurons: dict):
+def jax_train_step(lm, neurons: dict, mode: str, input_ids: np.ndarray, token_types: np.ndarray, total_steps: int,
+                   release: bool = False):
+    """(info, step) for the JAX trainer in `mode` on any backend: `step()` runs one donated, AOT-compiled step and
+    returns its loss (waiting for it). `release=True` frees `lm.params` when the mode trains a copy of the whole
+    tree (full, masked), so only one copy of the weights stays in device memory."""
     import jax
     import jax.numpy as jnp
 
-    from ports import load_pretrained
     from precise_jax.neurons import NeuronSet
     from precise_jax.train import TrainConfig, make_plan, make_step
 
-    mode = args.child.split("-")[1]
-    t0 = time.perf_counter()
-    lm = load_pretrained(args.model, jnp.float32)
-    jax.block_until_ready(lm.params)
-    info = {"load_s": time.perf_counter() - t0, "rss_after_load_kib": rss_kib()}
     c = lm.config
-    neuron_set = NeuronSet(neurons, c.intermediate_size, c.num_layers, {"model": str(lm.source)})
+    neuron_set = NeuronSet(neurons, c.intermediate_size, c.num_layers,
+                           {"model": str(lm.source) if lm.source else lm.hf_config.get("_name_or_path", "unknown")})
     config = TrainConfig(mode=mode, learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_NORM)
-    plan = make_plan(lm, neuron_set, config, total_steps=args.warmup + args.repeats + 1)
+    info = {"total_params": sum(x.size for x in jax.tree_util.tree_leaves(lm.params))}
+    plan = make_plan(lm, neuron_set, config, total_steps=total_steps)
+    if release and plan.frozen is None:
+        for leaf in jax.tree_util.tree_leaves(lm.params):
+            leaf.delete()
+        lm.params = None
     state = {"trained": plan.trained, "opt": plan.optimizer.init(plan.trained)}
     info["trainable"] = plan.count
-    info["total_params"] = sum(x.size for x in jax.tree_util.tree_leaves(lm.params))
-    ids = jnp.asarray(data["input_ids"])
+    ids = jnp.asarray(input_ids)
     inputs = {"input_ids": ids, "attention_mask": jnp.ones_like(ids)}
-    types = jnp.asarray(data["token_types"])
+    types = jnp.asarray(token_types)
     t0 = time.perf_counter()
     lowered = make_step(lm.model, plan).lower(state["trained"], state["opt"], plan.frozen, inputs, types)
     info["lower_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     compiled = lowered.compile()
     info["compile_s"] = time.perf_counter() - t0
-    info["rss_after_compile_kib"] = rss_kib()
     info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
 
     def step() -> float:
@@ -119,51 +121,57 @@ def setup_jax(args, data: dict, neurons: dict):
     return info, step
 
 
-def setup_torch(args, data: dict, neurons: dict):
+def torch_train_step(model, neurons: dict, input_ids: np.ndarray, token_types: np.ndarray, mode: str = "masked"):
+    """(info, step) for the PyTorch baseline on the model's device. masked: only the MLP matrices require grad,
+    their gradients are masked to the neurons' rows (gate/up) and columns (down) by `register_hook`, decoupled
+    decay is applied by hand to those entries, `torch.optim.AdamW`; full: every parameter, AdamW's own decay on
+    matrices only (as the JAX trainer). `step()` returns the loss (waiting for it)."""
     import torch
-    import transformers
 
     from ports.processing import TokenType
 
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
-                                                              attn_implementation="sdpa")
-    model.train()  # SmolLM2 has no dropout: train() only matters for what the hooks and autograd see
-    info = {"load_s": time.perf_counter() - t0, "rss_after_load_kib": rss_kib(),
-            "torch_num_threads": torch.get_num_threads(), "attn_implementation": model.config._attn_implementation}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trained, masks = [], []
-    for layer, block in enumerate(model.model.layers):
-        idx, mlp = torch.from_numpy(neurons[layer]), block.mlp
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            weight = getattr(mlp, name).weight  # HF (out, in): neuron i is row i of gate/up, column i of down
-            mask = torch.zeros_like(weight)
-            if name == "down_proj":
-                mask[:, idx] = 1.0
-            else:
-                mask[idx, :] = 1.0
-            weight.requires_grad_(True)
-            weight.register_hook(lambda grad, m=mask: grad * m)
-            trained.append(weight)
-            masks.append(mask)
-    # Decay is applied by hand on the neurons' entries: AdamW's own would move every entry of the matrices.
-    optimizer = torch.optim.AdamW(trained, lr=LR, weight_decay=0.0)
-    info["trainable"] = int(sum(m.sum().item() for m in masks))
-    info["total_params"] = sum(p.numel() for p in model.parameters())
-    ids = torch.from_numpy(data["input_ids"].astype(np.int64))
+    device = next(model.parameters()).device
+    model.train()  # the benchmarked models have no dropout: train() only matters for what hooks and autograd see
+    info = {"attn_implementation": model.config._attn_implementation, "total_params":
+            sum(p.numel() for p in model.parameters())}
+    masked = []  # (weight, mask broadcastable to it: a column [out, 1] or a row [1, in])
+    if mode == "masked":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer, block in enumerate(model.model.layers):
+            idx, mlp = torch.from_numpy(neurons[layer]).to(device), block.mlp
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                weight = getattr(mlp, name).weight  # HF (out, in): neuron i is row i of gate/up, column i of down
+                shape = (1, weight.shape[1]) if name == "down_proj" else (weight.shape[0], 1)
+                mask = torch.zeros(shape, dtype=weight.dtype, device=device)
+                mask.view(-1)[idx] = 1.0
+                weight.requires_grad_(True)
+                weight.register_hook(lambda grad, m=mask: grad * m)
+                masked.append((weight, mask))
+        trained = [w for w, _ in masked]
+        # Decay is applied by hand on the neurons' entries: AdamW's own would move every entry of the matrices.
+        optimizer = torch.optim.AdamW(trained, lr=LR, weight_decay=0.0)
+        info["trainable"] = int(sum(m.sum().item() * w.numel() / m.numel() for w, m in masked))
+    elif mode == "full":
+        trained = [p for p in model.parameters()]
+        groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+                  {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=LR)
+        info["trainable"] = info["total_params"]
+    else:
+        raise ValueError(f"torch_train_step: mode {mode!r} is neither 'masked' nor 'full'")
+    ids = torch.from_numpy(input_ids.astype(np.int64)).to(device)
     attention = torch.ones_like(ids)
-    reply = torch.from_numpy(data["token_types"][:, 1:] == TokenType.RESPONSE)  # [B, T-1] targets that count
+    reply = torch.from_numpy(token_types[:, 1:] == TokenType.RESPONSE).to(device)  # [B, T-1] targets that count
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1][reply], ids[:, 1:][reply])
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1][reply].float(), ids[:, 1:][reply])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, MAX_NORM)
         with torch.no_grad():
-            for weight, mask in zip(trained, masks):
+            for weight, mask in masked:
                 weight.addcmul_(weight, mask, value=-LR * WEIGHT_DECAY)
         optimizer.step()
         return loss.detach().item()
@@ -171,10 +179,40 @@ def setup_torch(args, data: dict, neurons: dict):
     return info, step
 
 
+def setup_jax(args, data: dict, neurons: dict):
+    import jax
+    import jax.numpy as jnp
+
+    from ports import load_pretrained
+
+    t0 = time.perf_counter()
+    lm = load_pretrained(args.model, jnp.float32)
+    jax.block_until_ready(lm.params)
+    info = {"load_s": time.perf_counter() - t0, "rss_after_load_kib": rss_kib()}
+    more, step = jax_train_step(lm, neurons, args.child.split("-")[1], data["input_ids"], data["token_types"],
+                                total_steps=args.warmup + args.repeats + 1)
+    info.update(more, rss_after_compile_kib=rss_kib())
+    return info, step
+
+
+def setup_torch(args, data: dict, neurons: dict):
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
+    info = {"load_s": time.perf_counter() - t0, "rss_after_load_kib": rss_kib(),
+            "torch_num_threads": torch.get_num_threads()}
+    more, step = torch_train_step(model, neurons, data["input_ids"], data["token_types"])
+    info.update(more)
+    return info, step
+
+
 def child(args) -> None:
     work = Path(args.work)
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr; stdout carries only the protocol
+    protocol = protocol_stream()
     data = dict(np.load(work / "batch.npz"))
     neurons = {int(k): v for k, v in np.load(work / "neurons.npz").items()}
     log(f"{args.child}: loading and building the step")
@@ -200,34 +238,11 @@ def child(args) -> None:
     (work / f"{args.child}.json").write_text(json.dumps(info))
 
 
-class Child:
-    def __init__(self, variant: str, args, work: Path):
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--work", str(work),
-                   "--model", str(args.model), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.variant, self.work = variant, work
-        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.expect("ready")
-
-    def expect(self, word: str) -> str:
-        line = self.process.stdout.readline().strip()
-        if not line or (word and line != word):
-            self.process.kill()
-            raise SystemExit(f"the {self.variant} child failed (said {line!r}); see its stderr above")
-        return line
-
-    def run(self) -> float:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        return float(self.expect(""))
-
-    def finish(self) -> dict:
-        self.process.stdin.close()
-        if self.process.wait() != 0:
-            raise SystemExit(f"the {self.variant} child exited with {self.process.returncode}")
-        return json.loads((self.work / f"{self.variant}.json").read_text())
+def start(variant: str, args, work: Path) -> Child:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--work", str(work),
+               "--model", str(args.model), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+               "--threads", str(args.threads)]
+    return Child(variant, command, work)
 
 
 def measure(variants: list[str], args, work: Path) -> tuple[dict, dict]:
@@ -236,18 +251,18 @@ def measure(variants: list[str], args, work: Path) -> tuple[dict, dict]:
 
     Returns (per-variant results, {JAX variant: the baseline's step times while paired with it}).
     """
-    baseline = Child("torch-masked", args, work) if "torch-masked" in variants else None
+    baseline = start("torch-masked", args, work) if "torch-masked" in variants else None
     paired = {}
     runs = {}
     for variant in (v for v in variants if v != "torch-masked"):
         log(f"starting {variant}")
-        child_ = Child(variant, args, work)
+        child_ = start(variant, args, work)
         paired[variant] = []
         for r in range(args.repeats):
             log(f"{variant}: repetition {r + 1}/{args.repeats}")
             for c in ([child_, baseline] if r % 2 == 0 else [baseline, child_]):
                 if c is baseline and c is not None:
-                    paired[variant].append(c.run())
+                    paired[variant].append(float(c.run()))
                 elif c is not None:
                     c.run()
         runs[variant] = child_.finish()
@@ -324,23 +339,9 @@ def section_key(result: dict) -> str:
             f"threads{len(result['cpus'].split(','))}")
 
 
-def _begin(key: str) -> str:
-    return f"<!-- begin: {key} -->"
-
-
-def _end(key: str) -> str:
-    return f"<!-- end: {key} -->"
-
-
 def write_results(result: dict) -> None:
     """Replace (or append) this configuration's section of BENCHMARKS.md, leaving every other section alone."""
-    key = section_key(result)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    section = markdown(result)
-    pattern = re.compile(re.escape(_begin(key)) + r".*?" + re.escape(_end(key)) + r"\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    log(f"wrote {RESULTS}")
+    replace_section(section_key(result), markdown(result))
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -385,7 +386,7 @@ def main(argv=None) -> int:
     data = chat_batch(tokenizer, args.batch, args.tokens)
     neurons = random_neurons(config["num_hidden_layers"], config["intermediate_size"], args.per_layer)
     log(f"input: {data['ids']}; row 0 begins {tokenizer.decode(data['input_ids'][0, :24])!r}")
-    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = loadavg()
     variants = list(args.only or VARIANTS)
     with tempfile.TemporaryDirectory(prefix="train-step-bench-") as tmp:
         work = Path(tmp)
@@ -401,8 +402,8 @@ def main(argv=None) -> int:
         "model_name": Path(args.model).name,
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "cpu": cpu_model(), "cpu_detail": cpu_detail(), "cores": os.cpu_count(), "cpus": ",".join(map(str, cpus)),
-        "loadavg": loadavg, "loadavg_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
-        "versions": {**versions(), "optax": _version("optax")},
+        "loadavg": load_before, "loadavg_after": loadavg(),
+        "versions": versions(("jax", "jaxlib", "flax", "optax", "torch", "transformers")),
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/train_step.py " + shlex.join(argv_shown),
     }
     print(table(result))
@@ -411,12 +412,6 @@ def main(argv=None) -> int:
     if args.write:
         write_results(result)
     return 0
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    return version(name)
 
 
 if __name__ == "__main__":

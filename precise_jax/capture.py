@@ -259,7 +259,13 @@ def position_mask(batch: Mapping, positions: Positions) -> np.ndarray:
     return positions_mask(batch, positions)
 
 
+_SHAPES: dict[tuple[nn.Module, tuple[str, ...]], dict[str, tuple[int, ...]]] = {}
+
+
 def _site_shapes(lm: Pretrained, sites: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
-    example = lm.family.example_batch(lm.config)
-    shapes = jax.eval_shape(lambda p: _site_values(lm.model, sites, p, example), lm.params)
-    return {name: s.shape for name, s in shapes.items()}
+    # Cached like _SITES: tracing a 7B model for the shapes takes about a second, once per collect call otherwise.
+    if (lm.model, sites) not in _SHAPES:
+        example = lm.family.example_batch(lm.config)
+        shapes = jax.eval_shape(lambda p: _site_values(lm.model, sites, p, example), lm.params)
+        _SHAPES[(lm.model, sites)] = {name: s.shape for name, s in shapes.items()}
+    return _SHAPES[(lm.model, sites)]
