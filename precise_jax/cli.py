@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from precise_jax.report import OutputDir
+
 DEMO_PROMPT = "In two sentences, why should a chemistry lab keep a logbook?"
 
 
@@ -92,35 +94,6 @@ def split_sets(args: argparse.Namespace, lm):
         parts += [within_length(train, lm, args.max_tokens)[: args.limit],
                   within_length(held_out, lm, args.max_tokens)[: args.limit]]
     return parts
-
-
-class OutputDir:
-    """An output folder that appears complete or not at all; an existing one needs --overwrite."""
-
-    def __init__(self, path: str, overwrite: bool):
-        import shutil
-        import tempfile
-        from pathlib import Path
-
-        from ports.errors import InputError
-
-        self.final = Path(path)
-        if self.final.exists() and any(self.final.iterdir()) and not overwrite:
-            raise InputError(f"{self.final} exists and is not empty; choose another --out or pass --overwrite")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-        self._shutil = shutil
-
-    def commit(self, result: dict) -> None:
-        import os
-
-        (self.path / "result.json").write_text(json.dumps(result, indent=2, default=str))
-        if self.final.exists():
-            self._shutil.rmtree(self.final)
-        os.replace(self.path, self.final)
-
-    def discard(self) -> None:
-        self._shutil.rmtree(self.path, ignore_errors=True)
 
 
 def with_output(run):

@@ -1,0 +1,274 @@
+"""Run reports: one folder per run holding results.json, report.md (tables) and PNG plots, written atomically.
+
+    report = Report("runs/shield-1")                      # refuses an existing, non-empty folder unless overwrite=True
+    report.table("Attack success rate", *before_after_rows(asr))
+    report.table("Utility cost on benign text", *utility_rows(cost))
+    report.figure("asr", plot_before_after, asr, metric="attack success rate")
+    report.write(results)                                 # results.json + report.md, then the folder appears whole
+
+Everything is built in a hidden sibling folder and renamed into place by `write`; an exception (or a kill) before
+that leaves no folder under the final name, so a folder that exists is complete. Plots render with matplotlib's
+headless Agg backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ports.errors import InputError
+
+
+class OutputDir:
+    """An output folder that appears complete or not at all: files go to `path` (hidden, beside the final folder)
+    until `commit` renames it to `final`. An existing non-empty folder is refused unless overwrite=True."""
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.final = Path(path)
+        self.overwrite = overwrite
+        self._check_free()
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+
+    def _check_free(self) -> None:
+        if self.final.exists() and not self.overwrite and (not self.final.is_dir() or any(self.final.iterdir())):
+            raise InputError(f"{self.final} exists and is not empty; choose another output folder or pass "
+                             "overwrite=True (--overwrite on the command line)")
+
+    def commit(self, result: Mapping | None = None, name: str = "result.json") -> Path:
+        """Write `result` as JSON (if given), then move the folder into place (replacing an old one if allowed)."""
+        self.check_open()
+        if result is not None:
+            (self.path / name).write_text(json.dumps(to_json(result), indent=2, ensure_ascii=False))
+        self._check_free()  # another run may have written it meanwhile
+        old = None
+        if self.final.exists():
+            # Aside first, so the final name never points at a half-deleted folder.
+            old = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.old-", dir=self.final.parent))
+            os.replace(self.final, old / "previous")
+        os.replace(self.path, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def check_open(self) -> None:
+        if not self.path.exists():
+            raise InputError(f"the output for {self.final} was already committed or discarded; start a new one")
+
+    def discard(self) -> None:
+        """Remove the work folder (a no-op after commit)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def to_json(value: Any) -> Any:
+    """Plain JSON data from results holding dataclasses (e.g. Estimate), numpy arrays and scalars, paths; other
+    objects as their str()."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [to_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_json(value.tolist())
+    if isinstance(value, np.generic):
+        return to_json(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)  # JSON has no NaN / Infinity
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)  # anything else (a dtype, an enum, ...) as its printed form, rather than lose the run
+
+
+# ----------------------------------------------------------------------------------------------------- report
+
+
+class Report:
+    """A run's report folder: add tables, text and figures in order, then `write` it atomically."""
+
+    def __init__(self, path: str | os.PathLike, *, title: str = "precise-jax report", overwrite: bool = False):
+        self.output = OutputDir(path, overwrite)
+        self.sections: list[str] = [f"# {title}\n"]
+        self.figures: dict[str, Path] = {}
+
+    @property
+    def folder(self) -> Path:
+        """The work folder: put any other files of the run here (they move with the report)."""
+        return self.output.path
+
+    @property
+    def path(self) -> Path:
+        """Where the report will be once written."""
+        return self.output.final
+
+    def text(self, markdown: str) -> None:
+        self.sections.append(markdown.strip() + "\n")
+
+    def table(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str | None = None) -> str:
+        """Append a Markdown table (cells: str, numbers, or Estimates shown as "value [low, high]"); returns it."""
+        if not rows:
+            raise InputError(f"table {title!r} has no rows")
+        bad = [n for n, row in enumerate(rows) if len(row) != len(headers)]
+        if bad:
+            raise InputError(f"table {title!r}: rows {bad} do not have {len(headers)} cells ({list(headers)})")
+        lines = [f"## {title}\n", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+        if note:
+            lines += ["", note.strip()]
+        block = "\n".join(lines) + "\n"
+        self.sections.append(block)
+        return block
+
+    def figure(self, name: str, plot: Callable, *args, size: tuple[float, float] = (6.4, 4.0), dpi: int = 100,
+               caption: str | None = None, **kwargs) -> Path:
+        """Draw plot(ax, *args, **kwargs) on a new figure of `size` inches and save it as `name`.png."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        if not name or "/" in name or name.startswith("."):
+            raise InputError(f"figure name {name!r} must be a plain file name (no folders, not hidden)")
+        if name in self.figures:
+            raise InputError(f"the report already has a figure named {name!r}")
+        fig, ax = plt.subplots(figsize=size, dpi=dpi)
+        try:
+            plot(ax, *args, **kwargs)
+            fig.tight_layout()
+            path = self.folder / f"{name}.png"
+            fig.savefig(path, dpi=dpi)
+        finally:
+            plt.close(fig)
+        self.figures[name] = path
+        self.sections.append(f"![{caption or name}]({name}.png)\n" + (f"\n*{caption}*\n" if caption else ""))
+        return path
+
+    def markdown(self) -> str:
+        return "\n".join(self.sections)
+
+    def write(self, results: Mapping) -> Path:
+        """results.json and report.md into the folder, which then appears under its final name; returns that."""
+        self.output.check_open()
+        try:
+            (self.folder / "report.md").write_text(self.markdown(), encoding="utf-8")
+            return self.output.commit(results, "results.json")
+        finally:
+            self.output.discard()
+
+    def discard(self) -> None:
+        self.output.discard()
+
+    def __enter__(self) -> "Report":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        self.output.discard()  # after write this does nothing; after an error it leaves nothing behind
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+# ----------------------------------------------------------------------------------------------------- tables
+
+
+def before_after_rows(comparison: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[list]]:
+    """(headers, rows) of {condition: {"before", "after", "change"}} (see evaluate.before_after_by_condition)."""
+    if not comparison:
+        raise InputError("no conditions to tabulate")
+    rows = [[name, parts["before"].n, parts["before"], parts["after"], parts["change"]]
+            for name, parts in comparison.items()]
+    level = next(iter(comparison.values()))["before"].confidence
+    return ["condition", "n", f"before [{level:.0%} CI]", f"after [{level:.0%} CI]", "change (paired)"], rows
+
+
+def utility_rows(cost) -> tuple[list[str], list[list]]:
+    """(headers, rows) of an evaluate.UtilityCost."""
+    return ["measure", f"value [{cost.kl.confidence:.0%} CI]"], [
+        ["next-token KL(original ‖ modified), nats", cost.kl],
+        ["perplexity, original", cost.perplexity_original],
+        ["perplexity, modified", cost.perplexity_modified],
+        ["perplexity ratio (modified / original)", cost.perplexity_ratio],
+        ["tokens scored", cost.tokens],
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+# Each takes a matplotlib Axes first, so Report.figure (or a notebook) decides the figure.
+
+
+def plot_neurons_per_layer(ax, neurons, label: str | None = None) -> None:
+    """Bar chart of a NeuronSet's neurons per layer (or several sets, {name: NeuronSet}, side by side)."""
+    sets = neurons if isinstance(neurons, Mapping) else {label or "neurons": neurons}
+    if not sets:
+        raise InputError("no neuron sets to plot")
+    width = 0.8 / len(sets)
+    for k, (name, s) in enumerate(sets.items()):
+        layers = np.arange(s.num_layers)
+        ax.bar(layers + (k - (len(sets) - 1) / 2) * width, s.per_layer(), width, label=f"{name} ({len(s)})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("safety neurons")
+    ax.legend(fontsize="small")
+
+
+def plot_overlap(ax, sets: Mapping) -> None:
+    """Heatmap of the pairwise Jaccard overlaps of named neuron sets (e.g. one per condition)."""
+    from precise_jax.neurons import overlap_matrix
+
+    if len(sets) < 2:
+        raise InputError("an overlap heatmap needs at least two neuron sets")
+    names, matrix = overlap_matrix(sets)
+    image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+    ax.set_yticks(range(len(names)), names, fontsize="small")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize="x-small",
+                    color="black" if matrix[i, j] > 0.6 else "white")
+    ax.figure.colorbar(image, ax=ax, label="Jaccard overlap")
+
+
+def plot_before_after(ax, comparison: Mapping[str, Mapping[str, Any]], metric: str = "rate") -> None:
+    """Grouped bars of a metric before and after per condition, with the bootstrap intervals as error bars."""
+    if not comparison:
+        raise InputError("no conditions to plot")
+    names = list(comparison)
+    x = np.arange(len(names))
+    for offset, when in ((-0.2, "before"), (0.2, "after")):
+        est = [comparison[n][when] for n in names]
+        values = np.array([e.value for e in est])
+        errors = np.array([[e.value - e.low for e in est], [e.high - e.value for e in est]])
+        ax.bar(x + offset, values, 0.4, yerr=np.maximum(errors, 0), capsize=3, label=when)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel(metric)
+    ax.legend()
+
+
+def plot_spectrum(ax, eigenvalues, k: int | None = None, label: str | None = None) -> None:
+    """Generalized eigenvalues, largest first, on a log scale; the first `k` (the kept subspace) marked."""
+    values = np.sort(np.asarray(eigenvalues, np.float64).ravel())[::-1]
+    if values.size == 0:
+        raise InputError("no eigenvalues to plot")
+    ax.plot(np.arange(1, values.size + 1), values, marker=".", label=label)
+    if k:
+        ax.axvline(k + 0.5, color="gray", linestyle="--", label=f"kept: {k}")
+    if np.all(values > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("component")
+    ax.set_ylabel("eigenvalue (malicious / benign variance)")
+    if k or label:
+        ax.legend()
