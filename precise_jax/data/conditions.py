@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -77,6 +78,16 @@ class ApertiumTranslator:
         self.modes = {**self.MODES, **(modes or {})}
         self.command = command
 
+    def available(self, language: str | None = None) -> bool:
+        """Whether the command is installed (and, given a language, whether its mode is: `apertium -l`)."""
+        binary = shutil.which(self.command)
+        if binary is None or language is None:
+            return binary is not None
+        if language not in self.modes:
+            return False
+        listed = subprocess.run([binary, "-l"], capture_output=True, text=True)
+        return self.modes[language] in listed.stdout.split()
+
     def __call__(self, texts: Sequence[str], language: str) -> list[str]:
         binary = shutil.which(self.command)
         if binary is None:
@@ -93,7 +104,7 @@ class ApertiumTranslator:
         if result.returncode != 0 or not result.stdout.strip():
             raise InputError(f"apertium {mode} failed (exit {result.returncode}): {result.stderr.strip()[-300:]}. "
                              f"Is its language pair installed (apt-get install apertium-{mode})?")
-        return result.stdout.strip()
+        return re.sub(r"[ \t]+", " ", result.stdout).strip()  # it leaves runs of spaces where it drops words
 
 
 def save_translations(examples: Sequence[Example], language: str, translator: Translator,
