@@ -175,7 +175,17 @@ class Report:
         self.output.discard()  # after write this does nothing; after an error it leaves nothing behind
 
 
+def as_estimate(value) -> Any:
+    """An evaluate.Estimate from itself or from its results.json form ({"value", "low", "high", "n", ...})."""
+    from precise_jax.evaluate import Estimate
+
+    if isinstance(value, Mapping) and {"value", "low", "high", "n"} <= set(value):
+        return Estimate(**{k: value[k] for k in ("value", "low", "high", "n", "confidence") if k in value})
+    return value
+
+
 def _cell(value: Any) -> str:
+    value = as_estimate(value)
     if value is None:
         return "–"
     if isinstance(value, (float, np.floating)):
@@ -190,9 +200,11 @@ def before_after_rows(comparison: Mapping[str, Mapping[str, Any]]) -> tuple[list
     """(headers, rows) of {condition: {"before", "after", "change"}} (see evaluate.before_after_by_condition)."""
     if not comparison:
         raise InputError("no conditions to tabulate")
-    rows = [[name, parts["before"].n, parts["before"], parts["after"], parts["change"]]
-            for name, parts in comparison.items()]
-    level = next(iter(comparison.values()))["before"].confidence
+    rows = []
+    for name, parts in comparison.items():
+        before, after, change = (as_estimate(parts[k]) for k in ("before", "after", "change"))
+        rows.append([name, before.n, before, after, change])
+    level = as_estimate(next(iter(comparison.values()))["before"]).confidence
     return ["condition", "n", f"before [{level:.0%} CI]", f"after [{level:.0%} CI]", "change (paired)"], rows
 
 
@@ -249,7 +261,7 @@ def plot_before_after(ax, comparison: Mapping[str, Mapping[str, Any]], metric: s
     names = list(comparison)
     x = np.arange(len(names))
     for offset, when in ((-0.2, "before"), (0.2, "after")):
-        est = [comparison[n][when] for n in names]
+        est = [as_estimate(comparison[n][when]) for n in names]
         values = np.array([e.value for e in est])
         errors = np.array([[e.value - e.low for e in est], [e.high - e.value for e in est]])
         ax.bar(x + offset, values, 0.4, yerr=np.maximum(errors, 0), capsize=3, label=when)

@@ -69,6 +69,7 @@ def test_report_folder(tmp_path, comparison, neuron_sets):
     saved = json.loads((run / "results.json").read_text())
     assert saved["asr"]["all"]["before"]["value"] == comparison["all"]["before"].value
     assert saved["utility"]["tokens"] == 812 and saved["layers"] == [0, 1, 2] and saved["nan"] is None
+    assert before_after_rows(saved["asr"]) == before_after_rows(comparison)  # results.json's form renders the same
 
 
 def test_refuses_to_overwrite(tmp_path, comparison):
