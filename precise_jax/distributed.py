@@ -7,7 +7,7 @@ maps logical axes to mesh axes. jit propagates the parameters' and the batch's s
 methods (capture, statistics, masked training, subspaces), so they run sharded unchanged.
 
     initialize()                                  # jax.distributed on a pod / cluster; nothing on one process
-    mesh = make_mesh("fsdp")                      # or "data=2,fsdp=2,tensor=2", or (2, 2, 2)
+    mesh = make_mesh("fsdp")                      # or "data=2,fsdp=2,tensor=2", (2, 2, 2); None: $PRECISE_JAX_MESH
     lm = load_pretrained(folder, mesh=mesh)       # each host reads only the slices its devices hold
     batch = host_batch(mesh, local_batch)         # this host's rows -> global arrays split over data x fsdp
 """
@@ -147,9 +147,11 @@ def _describe(sizes) -> str:
     return ",".join(f"{a}={s}" for a, s in zip(AXES, sizes))
 
 
-def make_mesh(spec: str | Sequence[int] | Mapping[str, int] = "fsdp", devices: Sequence | None = None) -> Mesh:
+def make_mesh(spec: str | Sequence[int] | Mapping[str, int] | None = None, devices: Sequence | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process), in the classic
-    GSPMD style (AxisType.Auto) that logical sharding constraints need."""
+    GSPMD style (AxisType.Auto) that logical sharding constraints need. `spec` defaults to the environment's
+    PRECISE_JAX_MESH (which tpu/pod.sh sets from a model-size preset), else "fsdp"."""
+    spec = os.environ.get("PRECISE_JAX_MESH", "fsdp") if spec is None else spec
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(spec, len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

@@ -205,3 +205,73 @@ def test_two_processes_read_only_their_slices_and_reduce_statistics(runs):
         assert facts["examples"] == 16  # 8 rows per batch fed as 4 by each process, 2 batches
         assert facts["stats_error"] < 1e-5
         assert facts["restore_error"] == 0.0 and facts["same_layout"]
+
+
+# ----------------------------------------------------------------------------------------------------- tpu/
+
+
+TPU = ROOT / "tpu"
+SCRIPTS = sorted(TPU.glob("*.sh"))
+
+
+def pod(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "TMPDIR": "/tmp"}  # no gcloud on PATH: a dry run never calls it
+    return subprocess.run(["bash", str(TPU / "pod.sh"), *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_tpu_scripts_parse_and_pass_shellcheck():
+    assert {p.name for p in SCRIPTS} == {"pod.sh", "presets.sh"}
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    shellcheck = Path(sys.executable).with_name("shellcheck")
+    result = subprocess.run([str(shellcheck), "-x", *map(str, SCRIPTS)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout
+
+
+def commands(result: subprocess.CompletedProcess) -> list[str]:
+    assert result.returncode == 0, result.stderr
+    return [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize("slice_, accelerator, runtime, workers", [
+    ("v4-8", "v4-8", "tpu-ubuntu2204-base", 1), ("v5e-16", "v5litepod-16", "v2-alpha-tpuv5-lite", 4),
+    ("v5e-64", "v5litepod-64", "v2-alpha-tpuv5-lite", 16), ("v5p-128", "v5p-128", "v2-alpha-tpuv5", 16),
+])
+def test_dry_run_prints_every_command_of_each_slice(slice_, accelerator, runtime, workers):
+    where = ["--name", "pj", "--zone", "us-west4-a", "--slice", slice_, "--dry-run"]
+    assert commands(pod("create", *where, "--project", "lab", "--spot")) == [
+        f"gcloud compute tpus tpu-vm create pj --zone us-west4-a --project lab --accelerator-type {accelerator} "
+        f"--version {runtime} --spot"]
+    tar, copy, install = commands(pod("install", *where))
+    assert tar.startswith("tar -czf /tmp/precise-jax-pj.tar.gz -C ") and "--exclude=.venv" in tar
+    assert copy == "gcloud compute tpus tpu-vm scp /tmp/precise-jax-pj.tar.gz pj:precise-jax.tar.gz --zone " \
+                   "us-west4-a --worker=all"
+    assert install.startswith("gcloud compute tpus tpu-vm ssh pj --zone us-west4-a --worker=all --command ")
+    assert "pip\\ install\\ \\'jax\\[tpu\\]\\'\\ -e\\ ./precise-jax" in install
+    collected = commands(pod("collect", *where, "--remote", "runs/locate", "--local", "out"))
+    copies = [c for c in collected if " scp " in c]
+    assert len(copies) == workers
+    assert copies[-1] == (f"gcloud compute tpus tpu-vm scp --recurse pj:precise-jax/runs/locate out/worker-{workers - 1}/ "
+                          f"--zone us-west4-a --worker={workers - 1}")
+
+
+def test_dry_run_of_a_command_on_all_workers_carries_the_model_size_mesh():
+    (run,) = commands(pod("run", "--name", "pj", "--zone", "z", "--slice", "v5e-16", "--model-size", "72b",
+                          "--dry-run", "--", "precise-jax", "locate", "--limit", "96", "--out", "runs/locate"))
+    assert run.startswith("gcloud compute tpus tpu-vm ssh pj --zone z --worker=all --command ")
+    assert "PRECISE_JAX_MESH=\\'data=1\\,fsdp=-1\\,tensor=4\\'" in run
+    assert run.endswith("precise-jax\\ locate\\ --limit\\ 96\\ --out\\ runs/locate")
+    # The 72b preset's mesh is a valid spec: 4-way tensor parallelism inside each host of 4 chips.
+    assert distributed.mesh_shape("data=1,fsdp=-1,tensor=4", 16) == (1, 4, 4)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["create", "--zone", "z", "--slice", "v4-8"], "--name is required"),
+    (["create", "--name", "pj", "--zone", "z", "--slice", "v6-8"], "unknown slice v6-8"),
+    (["run", "--name", "pj", "--zone", "z", "--slice", "v4-8", "--dry-run"], "run needs a command"),
+    (["run", "--name", "pj", "--zone", "z", "--slice", "v4-8", "--model-size", "1t", "--", "x"], "unknown model size"),
+    (["launch", "--name", "pj", "--zone", "z", "--slice", "v4-8"], "unknown action launch"),
+])
+def test_bad_pod_arguments_are_refused_before_any_command(args, words):
+    result = pod(*args)
+    assert result.returncode == 2 and words in result.stderr and "+ " not in result.stdout
