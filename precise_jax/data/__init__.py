@@ -13,7 +13,7 @@ from precise_jax.data.conditions import (
 )
 from precise_jax.data.examples import Example, load_examples, save_examples
 from precise_jax.data.images import benign_photos
-from precise_jax.data.splits import split_examples, stable_hash
+from precise_jax.data.splits import seeded_order, split_examples, stable_hash
 from precise_jax.data.typography import (
     FIGSTEP, FIGSTEP_PROMPT, TypographyStyle, layout_typographic, render_typographic, typographic_image,
 )
@@ -22,5 +22,5 @@ __all__ = [
     "ApertiumTranslator", "Batch", "Condition", "Example", "BatchEncoder", "FIGSTEP", "FIGSTEP_PROMPT",
     "TypographyStyle", "benign_photos", "bucket_length", "build_conditions", "layout_typographic",
     "load_examples", "load_translations", "make_batches", "positions_mask", "render_typographic",
-    "save_examples", "save_translations", "sources", "split_examples", "stable_hash", "typographic_image",
+    "save_examples", "save_translations", "seeded_order", "sources", "split_examples", "stable_hash", "typographic_image",
 ]

@@ -40,3 +40,9 @@ def split_examples(
         # int(x + 0.5): round half up, the same everywhere (round() rounds half to even)
         chosen.update(e.id for e in ranked[: int(held_out * len(members) + 0.5)])
     return [e for e in examples if e.id not in chosen], [e for e in examples if e.id in chosen]
+
+
+def seeded_order(examples: Sequence[Example], seed: int = 0) -> list[Example]:
+    """The examples in a seeded order that depends only on their ids, so that the first n of a set mixed from
+    several sources (e.g. JBB then HarmBench) are a sample of all of them rather than of the first source."""
+    return sorted(examples, key=lambda e: (stable_hash(seed, "order", e.id), e.id))

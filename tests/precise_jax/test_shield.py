@@ -6,9 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ports import InputError, load_pretrained
-from precise_jax.data import split_examples
+from precise_jax.cli import main
+from precise_jax.data import seeded_order, split_examples
+from precise_jax.neurons import NeuronSet
 from precise_jax.shield import PipelineConfig, run_pipeline, within_length
 
 SMALL = PipelineConfig(locate_examples=6, train_examples=4, eval_examples=5, max_tokens=96, ratio=0.1,
@@ -27,14 +30,50 @@ def sets(prompt_sets):
 
 
 @pytest.fixture(scope="module")
-def run(lm, sets):
-    return run_pipeline(lm, *sets, SMALL, progress=False)
+def report(tiny_chat_llama, tmp_path_factory):
+    """`precise-jax demo` with SMALL's settings on the tiny model: the report folder."""
+    out = tmp_path_factory.mktemp("demo") / "report"
+    args = ["demo", "--model", str(tiny_chat_llama), "--out", str(out), "--baselines", "random"]
+    for field in dataclasses.fields(PipelineConfig):
+        value = getattr(SMALL, field.name)
+        if value != field.default and field.name != "baselines":
+            args += ["--" + field.name.replace("_", "-"), str(value)]
+    assert main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(report):
+    return json.loads((report / "results.json").read_text())
+
+
+def test_demo_writes_a_complete_report(report, run, tiny_chat_llama, capsys):
+    names = sorted(p.name for p in report.iterdir())
+    assert names == sorted(["results.json", "report.md", "neurons.json", "neurons.safetensors", "training_loss.png",
+                            "neurons_per_layer.png", "aligned_attack_success.png",
+                            "random_neurons_attack_success.png"])
+    assert NeuronSet.load(report / "neurons.json").per_layer() == run["neurons"]["per_layer"]
+    markdown = (report / "report.md").read_text()
+    aligned = run["evaluation"]["aligned"]["harmful_refusal"]["all"]
+    assert f"{aligned['after']['value']:.3f} [{aligned['after']['low']:.3f}, {aligned['after']['high']:.3f}]" in markdown
+    assert str(run["training"]["aligned"]["trainable"]) in markdown
+    for png in report.glob("*.png"):
+        assert Image.open(png).size[0] > 300
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report"]  # no work folder left behind
+
+    again = ["demo", "--model", str(tiny_chat_llama), "--out", str(report)]
+    assert main(again) == 2 and "exists" in capsys.readouterr().err  # an existing report is never overwritten
+    failing = report.parent / "failing"
+    assert main(["demo", "--model", str(tiny_chat_llama), "--out", str(failing), "--languages", "en", "de"]) == 2
+    assert "translation" in capsys.readouterr().err
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report"]  # a failed run leaves nothing
 
 
 def test_held_out_prompts_are_never_fitted(lm, sets, run):
     for label, examples in zip(("harmful", "benign"), sets):
         fit, held_out = split_examples(examples, SMALL.held_out, seed=SMALL.seed)
-        expected = [f"{e.id}:en:text" for e in within_length(held_out, lm, SMALL.max_tokens)[: SMALL.eval_examples]]
+        held_out = within_length(seeded_order(held_out, SMALL.seed), lm, SMALL.max_tokens)[: SMALL.eval_examples]
+        expected = [f"{e.id}:en:text" for e in held_out]
         for model in ("original", "aligned", "random neurons"):
             assert [r["id"] for r in run["responses"][model][label]] == expected
         assert not {e.id for e in fit} & {e.id for e in held_out}
@@ -43,25 +82,30 @@ def test_held_out_prompts_are_never_fitted(lm, sets, run):
 
 def test_rates_and_intervals_come_from_the_responses(sets, run):
     source_of = {e.id: e.source for e in sets[0] + sets[1]}
+    original = run["evaluation"]["original"]
     for name, evaluation in run["evaluation"].items():
         for label in ("harmful", "benign"):
             responses = run["responses"][name][label]
             refused = np.array([r["refused"] for r in responses])
-            rates = evaluation[f"{label}_refusal"]
-            assert rates["all"]["value"] == pytest.approx(refused.mean()) and rates["all"]["n"] == refused.size
-            assert rates["all"]["low"] <= rates["all"]["value"] <= rates["all"]["high"]
+            before = np.array([r["refused"] for r in run["responses"]["original"][label]])
             sources = [source_of[r["id"].rsplit(":", 2)[0]] for r in responses]
-            for source in set(sources):
-                rows = np.array(sources) == source
-                assert rates[f"en/text/{source}"]["value"] == pytest.approx(refused[rows].mean())
-        assert evaluation["attack_success"]["all"]["value"] == pytest.approx(1 - evaluation["harmful_refusal"]["all"]
-                                                                             ["value"])
+            for condition in {f"en/text/{source}" for source in sources} | {"all"}:
+                rows = np.array([condition in ("all", f"en/text/{s}") for s in sources])
+                rate = evaluation[f"{label}_refusal"][condition]
+                if name == "original":
+                    assert rate == original[f"{label}_refusal"][condition]
+                    assert rate["value"] == pytest.approx(refused[rows].mean()) and rate["n"] == rows.sum()
+                    assert rate["low"] <= rate["value"] <= rate["high"]
+                else:
+                    assert rate["before"] == original[f"{label}_refusal"][condition]
+                    assert rate["after"]["value"] == pytest.approx(refused[rows].mean())
+                    assert rate["change"]["value"] == pytest.approx(refused[rows].mean() - before[rows].mean())
         if name != "original":
+            attack = evaluation["attack_success"]["all"]["after"]["value"]
+            assert attack == pytest.approx(1 - evaluation["harmful_refusal"]["all"]["after"]["value"])
             utility = evaluation["utility"]
-            assert utility["next_token_kl"]["value"] > 0 and utility["perplexity"]["value"] > 1
-            change = evaluation["harmful_refusal_change"]["all"]["value"]
-            assert change == pytest.approx(evaluation["harmful_refusal"]["all"]["value"]
-                                           - run["evaluation"]["original"]["harmful_refusal"]["all"]["value"])
+            assert utility["kl"]["value"] > 0 and utility["perplexity_modified"]["value"] > 1
+            assert utility["tokens"] > 0
 
 
 def test_training_and_neuron_bookkeeping(lm, run):
@@ -76,8 +120,6 @@ def test_training_and_neuron_bookkeeping(lm, run):
     assert len(check["random"]) == SMALL.random_seeds and check["neurons"] == neurons["count"]
     assert check["refusal_drop"] == pytest.approx(check["unedited"]["refusal_rate"]
                                                   - check["safety_neurons"]["refusal_rate"])
-    json.dumps({k: v for k, v in run.items() if not k.startswith("_")})  # plain data throughout
-    assert set(run["_models"]) == {"original", "aligned", "random neurons"}
 
 
 def test_bad_input(lm, sets):
