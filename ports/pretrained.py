@@ -76,6 +76,14 @@ class Pretrained:
     def dtype(self):
         return jax.tree_util.tree_leaves(self.params)[0].dtype
 
+    @property
+    def model_id(self) -> str:
+        """The identity recorded with statistics, neuron sets and runs: the absolute model folder, else the
+        config's `_name_or_path`."""
+        if self.source is not None:
+            return os.path.abspath(self.source)
+        return str(self.hf_config.get("_name_or_path") or "unknown")
+
 
 def family_for(hf_config: dict, where: str) -> Family:
     if "auto_map" in hf_config:
