@@ -278,7 +278,8 @@ def care_fit_command(args, out) -> dict:
                                  "malicious_examples": s.provenance["malicious_examples"],
                                  "benign_examples": s.provenance["benign_examples"]}
                           for name, s in subspaces.items()},
-            "file": str(Path(args.out) / "subspaces.safetensors"), "provenance": provenance}
+            "file": str(Path(args.out) / "subspaces.safetensors"), "provenance": provenance,
+            "harmful_train_ids": [e.id for e in harmful]}
 
 
 @with_output
