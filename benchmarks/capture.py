@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -38,15 +37,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.forward import (  # noqa: E402
-    RESULTS, ROOT, Child, _begin, _end, cpu_detail, cpu_model, peak_rss_kib, rss_kib, stats, versions,
+from benchmarks.common import (  # noqa: E402
+    Child, child_env, cpu_detail, cpu_model, logger, peak_rss_kib, protocol_stream, replace_section, rss_kib, stats, versions,
 )
+from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 
 MEMORY_MARKS = (10, 100, 500, 1000)
 
 
-def log(message: str) -> None:
-    print(f"[capture {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("capture")
 
 
 def load_batches(work: Path) -> list[dict]:
@@ -185,8 +184,7 @@ def child(args) -> None:
     if args.child == "memory":
         child_memory(args, work)
         return
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
+    protocol = protocol_stream()
     batches = load_batches(work)
     info, step, result = (setup_jax if args.child == "jax" else setup_torch)(args, batches)
     log(f"{args.child}: warm-up pass")
@@ -216,17 +214,10 @@ def child(args) -> None:
     (work / f"{args.child}.json").write_text(json.dumps(info))
 
 
-class CaptureChild(Child):
-    """forward.py's child protocol (ready / run / finish), started on this script."""
-
-    def __init__(self, framework: str, args, work: Path):
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", framework, "--work", str(work),
-                   "--model", str(args.model), "--threads", str(args.threads)]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        self.framework, self.work = framework, work
-        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.expect("ready")
+def start(framework: str, args, work: Path) -> Child:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", framework, "--work", str(work),
+               "--model", str(args.model), "--threads", str(args.threads)]
+    return Child(framework, command, work)
 
 
 # ----------------------------------------------------------------------------------------------------- parent
@@ -341,13 +332,7 @@ Tiny random Llama (4 layers, hidden 64, MLP 128, vocab 512), {m['batches']:,} ba
 
 
 def write_results(result: dict) -> None:
-    key = section_key(result)
-    text = RESULTS.read_text()
-    section = markdown(result)
-    pattern = re.compile(re.escape(_begin(key)) + r".*?" + re.escape(_end(key)) + r"\n?", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    log(f"wrote {RESULTS}")
+    replace_section(section_key(result), markdown(result))
 
 
 def parse(argv=None):
@@ -381,9 +366,6 @@ def main(argv=None) -> int:
 
         args.model = str(smollm2_135m_instruct())
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-
     with tempfile.TemporaryDirectory(prefix="capture-bench-") as tmp:
         work = Path(tmp)
         data = prepare_batches(args, work)
@@ -391,15 +373,15 @@ def main(argv=None) -> int:
         tiny_model(work)
         log(f"memory: {args.memory_batches} batches on a tiny random Llama")
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "memory", "--work", str(work),
-                        "--memory-batches", str(args.memory_batches)], env=env, check=True)
+                        "--memory-batches", str(args.memory_batches)], env=child_env(), check=True)
         memory = json.loads((work / "memory.json").read_text())
         memory["batches"] = args.memory_batches
-        children = [CaptureChild(f, args, work) for f in ("jax", "torch")]
+        children = [start(f, args, work) for f in ("jax", "torch")]
         for r in range(args.repeats):
             log(f"repetition {r + 1}/{args.repeats}")
             for c in children if r % 2 == 0 else children[::-1]:
                 c.run()
-        runs = {c.framework: c.finish() for c in children}
+        runs = {c.name: c.finish() for c in children}
         comparison = compare(work)
         width = int(np.load(work / "torch_stats.npz")["mean"].shape[1])
 

@@ -17,9 +17,7 @@ angles), so both sides compute the same thing. `--write` replaces this script's 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import re
 import shlex
 import sys
 import time
@@ -27,15 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "BENCHMARKS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import begin, cpu_model, end, loadavg, logger, replace_section, timed, utc_now  # noqa: E402
+
 KEY = "eigh: generalized eigen-decomposition on CPU"
 N_BENIGN, N_MALICIOUS, GAMMA = 360, 720, 0.1
 
 
-def log(message: str) -> None:
-    print(f"[eigh {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("eigh")
 
 
 def problem(d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -45,19 +42,6 @@ def problem(d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     mal = rng.normal(size=(N_MALICIOUS, d)) * np.exp(rng.uniform(-1, 1, d)) + rng.normal(size=d)
     cov = lambda x: (x - x.mean(0)).T @ (x - x.mean(0)) / len(x)  # noqa: E731
     return cov(mal), cov(ben)
-
-
-def timed(fn, repeats: int) -> tuple[float, list[float]]:
-    """(first call s, [timed repeats s])."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, times
 
 
 def official(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
@@ -120,13 +104,6 @@ def versions() -> str:
     return f"python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names)
 
 
-def cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def blas() -> str:
     import numpy
 
@@ -145,7 +122,7 @@ def markdown(results: list[dict], args, meta: dict) -> str:
         f"{np.median(r['official_s']) / np.median(r['jax_s']):.1f}× | {r['eig_rel_err']:.1e} | {r['max_sine']:.1e} |"
         for r in results
     )
-    return f"""<!-- begin: {KEY} -->
+    return f"""{begin(KEY)}
 ## Generalized eigen-decomposition (CARE subspaces), CPU
 
 - date: {meta['date']}
@@ -161,17 +138,8 @@ def markdown(results: list[dict], args, meta: dict) -> str:
 | d | JAX float32 Cholesky route, s | scipy eigh(A, B) float64, s | official sqrtm/inv/eigh float64, s | scipy / JAX | official / JAX | top-k eigenvalue rel. err vs scipy | max sin(principal angle), top k |
 |---:|---|---:|---:|---:|---:|---:|---:|
 {rows}
-<!-- end: {KEY} -->
+{end(KEY)}
 """
-
-
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(re.escape(f"<!-- begin: {KEY} -->") + r".*?" + re.escape(f"<!-- end: {KEY} -->") + r"\n?",
-                         re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    log(f"wrote {RESULTS}")
 
 
 def main(argv=None) -> int:
@@ -181,17 +149,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--write", action="store_true", help="replace this script's section of BENCHMARKS.md")
     args = p.parse_args(argv)
-    load = lambda: " ".join(Path("/proc/loadavg").read_text().split()[:3])  # noqa: E731
-    meta = {"load_before": load(), "cpu": cpu(), "cores": os.cpu_count(), "versions": versions(), "blas": blas(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    meta = {"load_before": loadavg(), "cpu": cpu_model(), "cores": os.cpu_count(), "versions": versions(),
+            "blas": blas(), "date": utc_now(),
             "command": "PYTHONPATH=. .venv/bin/python benchmarks/eigh.py " + shlex.join(sys.argv[1:] if argv is None
                                                                                       else list(argv))}
     results = [run_dim(d, args.k, args.repeats) for d in args.dims]
-    meta["load_after"] = load()
+    meta["load_after"] = loadavg()
     section = markdown(results, args, meta)
     print(section)
     if args.write:
-        write_section(section)
+        replace_section(KEY, section)
     return 0
 
 

@@ -16,14 +16,10 @@ of BENCHMARKS.md at the repository root.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import inspect
 import json
 import os
-import platform
-import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -33,8 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "BENCHMARKS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (  # noqa: E402
+    Child, cpu_detail, cpu_model, logger, peak_rss_kib, protocol_stream, replace_section, rss_kib,
+    stats, versions,
+)
+from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 # Standard-library modules with long English docstrings; row i of the batch starts at module i.
 TEXT_MODULES = (
     "re", "argparse", "subprocess", "difflib", "doctest", "pydoc", "unittest",
@@ -42,8 +42,7 @@ TEXT_MODULES = (
 )
 
 
-def log(message: str) -> None:
-    print(f"[forward {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("forward")
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
@@ -61,23 +60,6 @@ def real_text_ids(tokenizer, batch: int, tokens: int) -> np.ndarray:
             j += 1
         rows.append(ids[:tokens])
     return np.asarray(rows, np.int32)
-
-
-def rss_kib() -> int:
-    """Current resident set size of this process in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def peak_rss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def stats(times: list[float]) -> dict:
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return {"times_s": times, "median_s": float(median), "q1_s": float(q1), "q3_s": float(q3)}
 
 
 # ----------------------------------------------------------------------------------------------------- children
@@ -156,8 +138,7 @@ def setup_torch(args, ids: np.ndarray):
 
 def child(args) -> None:
     work = Path(args.work)
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr; stdout carries only the protocol
+    protocol = protocol_stream()
     ids = np.load(work / "ids.npy")
     info, step, to_numpy = (setup_jax if args.child == "jax" else setup_torch)(args, ids)
     t0 = time.perf_counter()
@@ -186,82 +167,27 @@ def child(args) -> None:
     (work / f"{args.child}.json").write_text(json.dumps(info))
 
 
-class Child:
-    def __init__(self, framework: str, args, work: Path):
-        command = [
-            sys.executable, str(Path(__file__).resolve()), "--child", framework, "--work", str(work),
-            "--model", str(args.model), "--dtype", args.dtype, "--warmup", str(args.warmup),
-            "--threads", str(args.threads),
-        ]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        if framework == "jax" and args.xla_flags is not None:
-            env["XLA_FLAGS"] = args.xla_flags
-        self.framework, self.work = framework, work
-        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.expect("ready")
-
-    def expect(self, word: str) -> str:
-        line = self.process.stdout.readline().strip()
-        if not line or (word and line != word):
-            self.process.kill()
-            raise SystemExit(f"the {self.framework} child failed (said {line!r}); see its stderr above")
-        return line
-
-    def run(self) -> None:
-        self.process.stdin.write("run\n")
-        self.process.stdin.flush()
-        self.expect("")
-
-    def finish(self) -> dict:
-        self.process.stdin.close()
-        if self.process.wait() != 0:
-            raise SystemExit(f"the {self.framework} child exited with {self.process.returncode}")
-        return json.loads((self.work / f"{self.framework}.json").read_text())
+def start(framework: str, args, work: Path) -> Child:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--child", framework, "--work", str(work),
+        "--model", str(args.model), "--dtype", args.dtype, "--warmup", str(args.warmup),
+        "--threads", str(args.threads),
+    ]
+    env = {"XLA_FLAGS": args.xla_flags} if framework == "jax" and args.xla_flags is not None else None
+    return Child(framework, command, work, env)
 
 
 def measure(frameworks: list[str], args, work: Path) -> dict:
     """Start each child in turn (loading and compiling alone), then alternate their timed repetitions."""
-    children = [Child(f, args, work) for f in frameworks]
+    children = [start(f, args, work) for f in frameworks]
     for r in range(args.repeats):
         log(f"repetition {r + 1}/{args.repeats}")
         for c in children if r % 2 == 0 else children[::-1]:
             c.run()
-    return {c.framework: c.finish() for c in children}
+    return {c.name: c.finish() for c in children}
 
 
 # ----------------------------------------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def cpu_detail() -> str:
-    """family/model numbers: the model name of a virtual CPU is often just the vendor's family."""
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if ":" in line:
-            key, value = (s.strip() for s in line.split(":", 1))
-            fields.setdefault(key, value)
-    flags = set(fields.get("flags", "").split())
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"family {fields.get('cpu family')} model {fields.get('model')}, {' '.join(isa)}"
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "flax", "torch", "transformers"):
-        try:
-            out[name] = version(name)
-        except Exception:  # noqa: BLE001
-            out[name] = "missing"
-    return out
 
 
 def compare(work: Path) -> dict:
@@ -329,28 +255,8 @@ def section_key(result: dict) -> str:
     return f"forward {result['model_name']} {result['dtype']} b{result['batch']} t{result['tokens']} threads{threads}"
 
 
-def _begin(key: str) -> str:
-    return f"<!-- begin: {key} -->"
-
-
-def _end(key: str) -> str:
-    return f"<!-- end: {key} -->"
-
-
 def write_results(result: dict) -> None:
-    key = section_key(result)
-    text = RESULTS.read_text() if RESULTS.exists() else (
-        "# Benchmarks\n\nMeasured with the scripts in `benchmarks/` (see `benchmarks/README.md`). "
-        "Each section is replaced when its script is rerun with `--write`.\n\n"
-    )
-    section = markdown(result)
-    pattern = re.compile(re.escape(_begin(key)) + r".*?" + re.escape(_end(key)) + r"\n?", re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text)
-    log(f"wrote {RESULTS}")
+    replace_section(section_key(result), markdown(result))
 
 
 # ----------------------------------------------------------------------------------------------------- main

@@ -16,10 +16,8 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
-import re
 import shlex
 import sys
 import time
@@ -27,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "BENCHMARKS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import begin, cpu_model, end, loadavg, logger, replace_section, utc_now  # noqa: E402
+
 KEY = "projection: generation with CARE projection on CPU"
 PROMPTS = (
     "Explain how a refrigerator keeps food cold.",
@@ -43,8 +41,7 @@ PROMPTS = (
 )
 
 
-def log(message: str) -> None:
-    print(f"[projection {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+log = logger("projection")
 
 
 def subspaces(width: int, k: int, layers, seed: int = 0) -> dict:
@@ -79,8 +76,7 @@ def main(argv=None) -> int:
     from ports.processing import encode_chat, pad_left
     from precise_jax.interventions import care_projection, projection_hook
 
-    load = lambda: " ".join(Path("/proc/loadavg").read_text().split()[:3])  # noqa: E731
-    load_before = load()
+    load_before = loadavg()
     if args.model is None:
         from precise_jax.assets import smollm2_135m_instruct
 
@@ -125,16 +121,15 @@ def main(argv=None) -> int:
              f"{np.mean(r['tokens'] == base['tokens']) * 100:.0f} % |" for r in results]
     from importlib.metadata import version
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = cpu_model()
     command = "PYTHONPATH=. .venv/bin/python benchmarks/projection.py " + shlex.join(
         sys.argv[1:] if argv is None else list(argv))
-    section = f"""<!-- begin: {KEY} -->
+    section = f"""{begin(KEY)}
 ## Generation with CARE's projection, CPU
 
-- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
+- date: {utc_now()}
 - device: {cpu}, {os.cpu_count()} cores (shared with other jobs: load average {load_before} before,
-  {load()} after)
+  {loadavg()} after)
 - versions: python {platform.python_version()}, jax {version('jax')}, jaxlib {version('jaxlib')}, flax {version('flax')}
 - command: `{command}`
 - model: {Path(args.model).name}, float32; {args.batch} chat prompts (left-padded to {batch['input_ids'].shape[1]}
@@ -147,16 +142,11 @@ def main(argv=None) -> int:
 | configuration | generated tokens/s | s / call | first call (compile), s | speed vs none | tokens equal to none |
 |---|---:|---|---:|---:|---:|
 {chr(10).join(lines)}
-<!-- end: {KEY} -->
+{end(KEY)}
 """
     print(section)
     if args.write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n\n"
-        pattern = re.compile(re.escape(f"<!-- begin: {KEY} -->") + r".*?" + re.escape(f"<!-- end: {KEY} -->")
-                             + r"\n?", re.S)
-        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        RESULTS.write_text(text)
-        log(f"wrote {RESULTS}")
+        replace_section(KEY, section)
     return 0
 
 
