@@ -3,17 +3,20 @@
 Neuron i of layer l owns column i of the gate/up kernels ([d, d_ff] in linen, row i in Hugging Face), their bias
 entry i, and row i of the down kernel ([d_ff, d], column i in Hugging Face). Two ways to train them:
 
-- `neuron_masked(optimizer, params, neurons)`: the full parameter tree, updates multiplied by a 0/1 mask before
-  the optimizer (clean moments and clipping) and after it (decoupled weight decay would move frozen entries), and
-  leaves without any selected neuron routed to `set_to_zero` with no optimizer state (`optax.partition`);
-- lean mode (`NeuronDeltas`): trainable deltas of shape [d, k] / [k, d] per layer, added at the MLP by an
-  interceptor, so gradients and optimizer state exist only for the k selected neurons.
+- `neuron_masked(optimizer, params, neurons)`: the full parameter tree, updates restricted to the selected neurons
+  before the optimizer (clean moments and clipping) and after it (decoupled weight decay would move frozen
+  entries), and leaves without any selected neuron routed to `set_to_zero` with no optimizer state
+  (`optax.partition`). The selection lives in the optimizer state as one boolean d_ff vector per trained leaf,
+  broadcast along the leaf's neuron axis, so it costs O(layers x d_ff) and another set over the same layers
+  reuses the compiled step;
+- lean mode (`NeuronDeltas`): trainable deltas of shape [d, k] / [k, d] (and [k] for gate/up biases) per layer,
+  added at the MLP by an interceptor, so gradients and optimizer state exist only for the k selected neurons.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -43,21 +46,36 @@ def _neuron_axis(matrix: str, leaf: str) -> int | None:
     return 0 if leaf == "kernel" else None  # down kernel [d_ff, d]; its bias [d] belongs to no neuron
 
 
-def neuron_masks(params: Mapping, neurons: NeuronSet, matrices: Iterable[str] = MATRICES) -> dict:
-    """{(layer, matrix, leaf): 0/1 float mask of that leaf's shape} for every leaf wired to a selected neuron."""
+def _neuron_leaves(params: Mapping, neurons: NeuronSet, matrices: Iterable[str]):
+    """(layer, matrix, leaf name, leaf, neuron axis, indices) for every leaf wired to a selected neuron."""
     matrices = _check_matrices(matrices)
-    masks = {}
     for layer, idx in neurons.neurons.items():
         mlp = params["lm"][f"layers_{layer}"]["mlp"]
         for matrix in matrices:
-            for leaf, value in mlp[matrix].items():
-                axis = _neuron_axis(matrix, leaf)
-                if axis is None:
-                    continue
-                m = np.zeros(value.shape, np.float32)
-                m[(slice(None),) * axis + (idx,)] = 1.0
-                masks[(layer, matrix, leaf)] = m
-    return masks
+            for name, value in mlp[matrix].items():
+                axis = _neuron_axis(matrix, name)
+                if axis is not None:
+                    yield layer, matrix, name, value, axis, idx
+
+
+def neuron_vectors(params: Mapping, neurons: NeuronSet, matrices: Iterable[str] = MATRICES) -> dict:
+    """{(layer, matrix, leaf): bool selection over d_ff, shaped to broadcast along that leaf's neuron axis}
+    ([1, d_ff] for gate/up kernels, [d_ff] for their biases, [d_ff, 1] for down kernels)."""
+    out = {}
+    for layer, matrix, name, value, axis, idx in _neuron_leaves(params, neurons, matrices):
+        keep = np.zeros(value.shape[axis], bool)
+        keep[idx] = True
+        out[(layer, matrix, name)] = keep.reshape([-1 if a == axis else 1 for a in range(value.ndim)])
+    return out
+
+
+def neuron_masks(params: Mapping, neurons: NeuronSet, matrices: Iterable[str] = MATRICES) -> dict:
+    """{(layer, matrix, leaf): 0/1 float mask of that leaf's full shape} for every leaf wired to a selected neuron
+    (for inspection and tests; training keeps only the d_ff vectors of `neuron_vectors`)."""
+    shapes = {(layer, matrix, name): value.shape for layer, matrix, name, value, _, _ in
+              _neuron_leaves(params, neurons, matrices)}
+    return {key: np.broadcast_to(keep, shapes[key]).astype(np.float32)
+            for key, keep in neuron_vectors(params, neurons, matrices).items()}
 
 
 def _leaf_key(path) -> tuple | None:
@@ -67,39 +85,42 @@ def _leaf_key(path) -> tuple | None:
     return None
 
 
-def _mask_tree(params: Mapping, masks: Mapping) -> tuple:
-    """(labels tree 'neurons'/'frozen', mask tree with arrays at neuron leaves and MaskedNode elsewhere)."""
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: "neurons" if _leaf_key(path) in masks else "frozen", params)
-    mask_tree = jax.tree_util.tree_map_with_path(
-        lambda path, _: jnp.asarray(masks[_leaf_key(path)]) if _leaf_key(path) in masks else optax.MaskedNode(),
-        params)
-    return labels, mask_tree
+class NeuronMaskState(NamedTuple):
+    keep: Any  # per trained leaf, a bool vector broadcasting along its neuron axis
+    inner: optax.OptState
 
 
-def multiply_updates(mask_tree) -> optax.GradientTransformation:
-    """Multiply every update element-wise by its 0/1 mask (leaves that are MaskedNode pass untouched)."""
+def _restricted(optimizer: optax.GradientTransformation, vectors: Mapping) -> optax.GradientTransformation:
+    """`optimizer` on updates zeroed outside the selection, its output zeroed there again.
+
+    The selection is state, read by `update` from its arguments: nothing neuron-specific is baked into a trace.
+    """
+
+    def restrict(updates, keep):
+        return jax.tree_util.tree_map(lambda u, k: jnp.where(k, u, jnp.zeros((), u.dtype)), updates, keep)
+
+    def init(params):
+        keep = jax.tree_util.tree_map_with_path(lambda path, _: jnp.asarray(vectors[_leaf_key(path)]), params)
+        return NeuronMaskState(keep, optimizer.init(params))
 
     def update(updates, state, params=None):
-        del params
-        return jax.tree_util.tree_map(lambda u, m: u * m.astype(u.dtype), updates, mask_tree), state
+        updates, inner = optimizer.update(restrict(updates, state.keep), state.inner, params)
+        return restrict(updates, state.keep), NeuronMaskState(state.keep, inner)
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+    return optax.GradientTransformation(init, update)
 
 
 def neuron_masked(
     optimizer: optax.GradientTransformation, params: Mapping, neurons: NeuronSet, matrices: Iterable[str] = MATRICES
 ) -> optax.GradientTransformation:
     """`optimizer` restricted to the entries wired to `neurons`; every other entry stays bit-identical."""
-    masks = neuron_masks(params, neurons, matrices)
-    if not masks:
+    vectors = neuron_vectors(params, neurons, matrices)
+    if not vectors:
         raise InputError("the neuron set selects no parameters: it is empty or lists no trained matrix")
-    labels, mask_tree = _mask_tree(params, masks)
-    # Inside partition the frozen leaves of the updates are MaskedNode too, so the trees line up.
-    mask_tree = jax.tree_util.tree_map(lambda label, m: m if label == "neurons" else optax.MaskedNode(),
-                                       labels, mask_tree)
-    inner = optax.chain(multiply_updates(mask_tree), optimizer, multiply_updates(mask_tree))
-    return optax.partition({"neurons": inner, "frozen": optax.set_to_zero()}, labels)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "neurons" if _leaf_key(path) in vectors else "frozen", params)
+    # Inside partition the frozen leaves are MaskedNode, so init sees (and keeps state for) neuron leaves only.
+    return optax.partition({"neurons": _restricted(optimizer, vectors), "frozen": optax.set_to_zero()}, labels)
 
 
 def trainable_count(neurons: NeuronSet, hidden_size: int, matrices: Iterable[str] = MATRICES,
@@ -122,15 +143,19 @@ class NeuronDeltas:
     matrices: tuple[str, ...] = MATRICES
 
     def init(self, params: Mapping) -> dict:
-        """Zero deltas: {layers_l: {matrix: [d, k] (gate/up) or [k, d] (down)}} in float32."""
+        """Zero deltas laid out like the MLP leaves they change: {layers_l: {matrix: {"kernel": [d, k] (gate/up) or
+        [k, d] (down), "bias": [k] (gate/up, when the model has MLP biases)}}} in float32."""
+        return jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, jnp.float32), self.selected(params))
+
+    def selected(self, params: Mapping, deltas: Mapping | None = None) -> dict:
+        """The selected neurons' entries of `params` (plus `deltas` when given), in the deltas' layout."""
         self.check(params)
         out = {}
-        for layer, idx in self.neurons.neurons.items():
-            mlp = params["lm"][f"layers_{layer}"]["mlp"]
-            d = mlp["down_proj"]["kernel"].shape[1]
-            out[f"layers_{layer}"] = {
-                m: jnp.zeros((d, len(idx)) if m != "down_proj" else (len(idx), d), jnp.float32) for m in self.matrices
-            }
+        for layer, matrix, name, value, axis, idx in _neuron_leaves(params, self.neurons, self.matrices):
+            entries = jnp.take(value, jnp.asarray(idx), axis=axis)
+            if deltas is not None:
+                entries = entries.astype(jnp.float32) + deltas[f"layers_{layer}"][matrix][name]
+            out.setdefault(f"layers_{layer}", {}).setdefault(matrix, {})[name] = entries
         return out
 
     def check(self, params: Mapping) -> None:
@@ -162,24 +187,22 @@ class NeuronDeltas:
                 return out
             x, delta, idx = args[0], deltas[path[-3]][path[-1]], indices[path[-3]]
             if path[-1] == "down_proj":  # rows idx of the down kernel read the selected neurons
-                extra = jnp.einsum("...k,kd->...d", x[..., idx], delta.astype(x.dtype),
+                extra = jnp.einsum("...k,kd->...d", x[..., idx], delta["kernel"].astype(x.dtype),
                                    preferred_element_type=jnp.float32)
                 return out + extra.astype(out.dtype)
-            extra = jnp.einsum("...d,dk->...k", x, delta.astype(x.dtype), preferred_element_type=jnp.float32)
+            extra = jnp.einsum("...d,dk->...k", x, delta["kernel"].astype(x.dtype),
+                               preferred_element_type=jnp.float32)
+            if "bias" in delta:
+                extra = extra + delta["bias"]
             return out.at[..., idx].add(extra.astype(out.dtype))
 
         return intercept
 
     def merge(self, params: Mapping, deltas: Mapping) -> dict:
         """Full parameters with the deltas folded into the weights (for export or plain inference)."""
-        params = jax.tree_util.tree_map(lambda x: x, params)
-        for layer, idx in self.indices().items():
-            mlp = params["lm"][layer]["mlp"]
-            for m, delta in deltas[layer].items():
-                kernel = mlp[m]["kernel"]
-                if m == "down_proj":
-                    kernel = kernel.at[idx, :].add(delta.astype(kernel.dtype))
-                else:
-                    kernel = kernel.at[:, idx].add(delta.astype(kernel.dtype))
-                mlp[m] = {**mlp[m], "kernel": kernel}
+        params = jax.tree_util.tree_map(lambda x: x, params)  # new containers, shared leaves
+        for layer, matrix, name, value, axis, idx in _neuron_leaves(params, self.neurons, self.matrices):
+            module = params["lm"][f"layers_{layer}"]["mlp"][matrix]
+            delta = deltas[f"layers_{layer}"][matrix][name]
+            module[name] = value.at[(slice(None),) * axis + (jnp.asarray(idx),)].add(delta.astype(value.dtype))
         return params

@@ -16,7 +16,9 @@ optimizer state, step, loss history) resumes a killed run bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +35,7 @@ import optax
 from tqdm.auto import tqdm
 
 from ports.errors import CheckpointError, InputError
+from ports.layers import CausalLM
 from ports.pretrained import Pretrained
 from ports.processing import TokenType
 from precise_jax.capture import model_inputs
@@ -119,12 +122,67 @@ class TrainResult:
 
 
 def response_loss(logits: jax.Array, input_ids: jax.Array, token_types: jax.Array) -> jax.Array:
-    """Mean next-token NLL of reply tokens: logits [B, T, V] at t-1 predict input_ids [B, T] at t."""
+    """Mean next-token NLL of reply tokens: logits [B, T, V] at t-1 predict input_ids [B, T] at t.
+
+    The reference formula; training computes the same value by `reply_nll` without [B, T, V] logits.
+    """
     weights = (token_types[:, 1:] == TokenType.RESPONSE).astype(jnp.float32)  # [B, T-1]
     logits = logits[:, :-1].astype(jnp.float32)
     picked = jnp.take_along_axis(logits, input_ids[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
     nll = jax.nn.logsumexp(logits, axis=-1) - picked  # [B, T-1], without a [B, T, V] log-softmax buffer
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+# Logit entries per chunk of the cross-entropy (128 MiB in float32): what bounds the loss's memory, whatever the
+# batch; with several chunks each is rematerialised in the backward pass rather than stored.
+LOSS_CHUNK_ELEMENTS = 2**25
+
+
+def reply_nll(head: Callable, hidden: jax.Array, input_ids: jax.Array, token_types: jax.Array,
+              vocab_size: int) -> jax.Array:
+    """`response_loss` from the final hidden states [B, T, D], without [B, T, V] logits.
+
+    The reply-predicting positions are packed first, then the LM head (`head`: [1, N, D] -> [1, N, V]) runs on
+    chunks of at most LOSS_CHUNK_ELEMENTS logits; chunks past the last reply position are skipped at run time, so
+    the head's work follows the number of reply tokens, and no shape depends on it (no recompilation).
+    """
+    d = hidden.shape[-1]
+    is_reply = (token_types[:, 1:] == TokenType.RESPONSE).reshape(-1)  # [B*(T-1)]
+    n, count = is_reply.shape[0], jnp.sum(is_reply)
+    index = jnp.nonzero(is_reply, size=n, fill_value=0)[0]  # reply positions first, then repeats of 0 (weight 0)
+    rows = min(_floor_pow2(max(LOSS_CHUNK_ELEMENTS // vocab_size, 1)), 1 << (n - 1).bit_length())
+    chunks = -(-n // rows)
+    pad = chunks * rows - n
+    states = jnp.pad(hidden[:, :-1].reshape(-1, d)[index], ((0, pad), (0, 0))).reshape(chunks, rows, d)
+    targets = jnp.pad(input_ids[:, 1:].reshape(-1).astype(jnp.int32)[index], (0, pad)).reshape(chunks, rows)
+    weights = (jnp.arange(chunks * rows) < count).astype(jnp.float32).reshape(chunks, rows)
+
+    def chunk_nll(h, y, w):
+        logits = head(h[None])[0].astype(jnp.float32)  # [rows, V]
+        picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+        return (jax.nn.logsumexp(logits, axis=-1) - picked) * w
+
+    if chunks == 1:
+        nll = chunk_nll(states[0], targets[0], weights[0])
+    else:
+        def chunk_or_skip(chunk):
+            h, y, w, first = chunk
+            return jax.lax.cond(first < count, chunk_nll, lambda h, y, w: jnp.zeros_like(w), h, y, w)
+
+        nll = jax.lax.map(jax.checkpoint(chunk_or_skip), (states, targets, weights, jnp.arange(chunks) * rows))
+    return jnp.sum(nll) / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def _floor_pow2(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
+
+
+def _final_hidden_states(next_fun, args, kwargs, context):
+    """Interceptor: the model's own `head` returns its input, so `.logits` holds the final hidden states [B, T, D]
+    (every port, vision-language ones included, ends in `CausalLM.head`)."""
+    if context.method_name == "head" and isinstance(context.module, CausalLM) and not context.module.path:
+        return args[0]
+    return next_fun(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------- optimizer
@@ -189,19 +247,6 @@ def _lm_only(interceptor):
     return intercept
 
 
-def _selected_weights(lean: NeuronDeltas, base: Mapping, deltas: Mapping) -> dict:
-    """The current weights of the selected neurons, base + delta, in the deltas' layout and float32."""
-    out = {}
-    for layer, idx in lean.indices().items():
-        mlp = base["lm"][layer]["mlp"]
-        out[layer] = {}
-        for m, delta in deltas[layer].items():
-            kernel = mlp[m]["kernel"]
-            rows_or_cols = kernel[idx, :] if m == "down_proj" else kernel[:, idx]
-            out[layer][m] = rows_or_cols.astype(jnp.float32) + delta
-    return out
-
-
 def make_plan(lm: Pretrained, neurons: NeuronSet | None, config: TrainConfig, total_steps: int) -> Plan:
     """The mode's trained tree, optimizer (its schedule spans `total_steps`) and weight assembly; checks neurons."""
     params, base = lm.params, base_optimizer(config, total_steps)
@@ -210,7 +255,7 @@ def make_plan(lm: Pretrained, neurons: NeuronSet | None, config: TrainConfig, to
         if neurons is None:
             raise InputError(f"mode {config.mode!r} trains the weights of a neuron set; pass neurons=NeuronSet(...) "
                              "(from neurons.select_safety_neurons), or use mode 'full' or 'lora'")
-        check_for_model(neurons, _model_id(lm), shape["layers"], shape["d_ff"])
+        check_for_model(neurons, lm.model_id, shape["layers"], shape["d_ff"])
         if config.mode == "random":
             neurons = random_like(neurons, config.seed)
     if config.mode in ("masked", "random"):
@@ -223,7 +268,7 @@ def make_plan(lm: Pretrained, neurons: NeuronSet | None, config: TrainConfig, to
         deltas = lean.init(params)
         # Weight decay acts on base + delta, as masked mode decays the whole entry: both modes then agree.
         return Plan(deltas, params, base, lambda t, f: (f, _lm_only(lean.interceptor(t))),
-                    lambda t, f: _selected_weights(lean, f, t), lambda t, f: lean.merge(f, t), _size(deltas),
+                    lambda t, f: lean.selected(f, t), lambda t, f: lean.merge(f, t), _size(deltas),
                     neurons)
     adapters = LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_targets)
     return Plan(adapters.init(params, jax.random.key(config.seed)), params, base,
@@ -244,12 +289,13 @@ def make_step(model: nn.Module, plan: Plan):
 
     def loss_fn(trained, frozen, inputs, token_types):
         params, interceptor = plan.weights(trained, frozen)
-        if interceptor is None:
-            logits = model.apply({"params": params}, **inputs).logits
-        else:
-            with nn.intercept_methods(interceptor):
-                logits = model.apply({"params": params}, **inputs).logits
-        return response_loss(logits, inputs["input_ids"], token_types)
+        with contextlib.ExitStack() as stack:
+            if interceptor is not None:
+                stack.enter_context(nn.intercept_methods(interceptor))
+            with nn.intercept_methods(_final_hidden_states):
+                hidden = model.apply({"params": params}, **inputs).logits  # [B, T, D]
+            head = functools.partial(model.apply, {"params": params}, method="head")
+            return reply_nll(head, hidden, inputs["input_ids"], token_types, model.config.vocab_size)
 
     def step(trained, opt_state, frozen, inputs, token_types):
         loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, inputs, token_types)
@@ -378,7 +424,7 @@ def train(
     total = _size(lm.params)
     run = json.loads(json.dumps({
         "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IN_FINGERPRINT},
-        "total_steps": total_steps, "model": _model_id(lm), "dtype": np.dtype(lm.dtype).name,
+        "total_steps": total_steps, "model": lm.model_id, "dtype": np.dtype(lm.dtype).name,
         "data": _data_digest(examples),
         "neurons": None if plan.neurons is None else hashlib.sha256(
             json.dumps(sorted(plan.neurons.pairs())).encode()).hexdigest()[:16],
@@ -430,11 +476,6 @@ def _size(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
 
 
-def _model_id(lm: Pretrained) -> str:
-    # The same identity `capture.collect` records in statistics, from which neuron sets inherit it.
-    return str(lm.source) if lm.source is not None else lm.hf_config.get("_name_or_path", "unknown")
-
-
 def _mlp_shape(params: Mapping) -> dict:
     """Language-model layer count, width d, FFN width d_ff and whether gate/up have biases."""
     lm = params["lm"]
@@ -448,4 +489,4 @@ def _mlp_shape(params: Mapping) -> dict:
 
 
 __all__ = ["MODES", "Plan", "TrainConfig", "TrainResult", "as_examples", "base_optimizer", "learning_rate_schedule",
-           "make_plan", "make_step", "response_loss", "train"]
+           "make_plan", "make_step", "reply_nll", "response_loss", "train"]

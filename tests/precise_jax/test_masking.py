@@ -78,9 +78,34 @@ def test_masked_adamw_leaves_every_other_entry_bit_identical(lm, neurons, batch)
         np.testing.assert_array_equal(np.asarray(after)[frozen == 1], np.asarray(before)[frozen == 1])
         changed += int((np.asarray(after) != np.asarray(before)).sum())
     assert changed == trainable_count(neurons, D) == sum(int(m.sum()) for m in masks.values())
-    # frozen leaves keep no optimizer state: moments exist only for the 6 leaves wired to neurons
-    moment_leaves = [x for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape") and x.ndim == 2]
-    assert len(moment_leaves) == 2 * 6  # mu and nu of gate/up/down kernels in 2 layers
+    # frozen leaves keep no optimizer state: moments exist only for the 6 leaves wired to neurons, and the selection
+    # is one bool d_ff vector per such leaf, not a mask of the leaf's size
+    state_leaves = [x for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape") and x.ndim == 2]
+    moments = [x for x in state_leaves if x.dtype == jnp.float32]
+    selection = [x for x in state_leaves if x.dtype == jnp.bool_]
+    assert sorted(x.shape for x in moments) == sorted(2 * [(D, FF)] * 4 + 2 * [(FF, D)] * 2)
+    assert sorted(x.shape for x in selection) == sorted([(1, FF)] * 4 + [(FF, 1)] * 2)
+
+
+def test_another_set_over_the_same_layers_reuses_the_compiled_update(lm, neurons):
+    """The selection is optimizer state, not a traced constant: one compiled update serves every set."""
+    adamw = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1))
+    other = NeuronSet({0: [1, 2, 30], 2: [7]}, FF, LAYERS, {"model": "tiny"})
+    first, second = neuron_masked(adamw, lm.params, neurons), neuron_masked(adamw, lm.params, other)
+    rng = np.random.default_rng(3)
+    grads = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), lm.params)
+    update = jax.jit(first.update)
+    reused, _ = update(grads, second.init(lm.params), lm.params)
+    own, _ = second.update(grads, second.init(lm.params), lm.params)
+    assert update._cache_size() == 1
+    masks = neuron_masks(lm.params, other)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(reused), jax.tree_util.tree_leaves(own)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+        keys = [p.key for p in path]
+        key = (int(keys[1].split("_")[1]), keys[3], keys[4]) if len(keys) == 5 and keys[2] == "mlp" else None
+        np.testing.assert_array_equal(np.asarray(a) != 0, masks[key] == 1 if key in masks else False)
+    update(grads, first.init(lm.params), lm.params)
+    assert update._cache_size() == 1
 
 
 def test_trainable_count_by_hand(neurons):
@@ -102,9 +127,9 @@ def test_lean_deltas_equal_merged_weights_and_masked_gradients(lm, neurons, batc
     grad_full = jax.grad(lm_loss(lm, batch))(merged)
     for layer, idx in lean.indices().items():
         g = grad_full["lm"][layer]["mlp"]
-        np.testing.assert_allclose(grad_deltas[layer]["gate_proj"], g["gate_proj"]["kernel"][:, idx], rtol=1e-4,
+        np.testing.assert_allclose(grad_deltas[layer]["gate_proj"]["kernel"], g["gate_proj"]["kernel"][:, idx], rtol=1e-4,
                                    atol=1e-7)
-        np.testing.assert_allclose(grad_deltas[layer]["down_proj"], g["down_proj"]["kernel"][idx, :], rtol=1e-4,
+        np.testing.assert_allclose(grad_deltas[layer]["down_proj"]["kernel"], g["down_proj"]["kernel"][idx, :], rtol=1e-4,
                                    atol=1e-7)
 
 

@@ -112,3 +112,67 @@ def test_bad_input(data):
         select_safety_neurons(params, stats_of(harmful), stats_of(benign), score="magic")
     with pytest.raises(InputError, match="different layers"):
         select_safety_neurons(params, stats_of(harmful), stats_of(benign[:2]))
+
+
+def test_frequency_score_equals_numpy(data):
+    params, harmful, benign = data
+    got = select_safety_neurons(params, stats_of(harmful), stats_of(benign), score="frequency", ratio=0.1)
+    k = int(np.floor(0.1 * WIDTH))
+
+    def top(samples):
+        frequency = (samples.astype(np.float32) > 0).astype(np.float64).mean(0)
+        return set(np.argsort(-frequency, kind="stable")[:k])
+
+    for layer in range(LAYERS):
+        assert set(got.neurons.get(layer, [])) == top(harmful[layer]) - top(benign[layer])
+
+
+def test_safety_neurons_overlap_the_pytorch_baseline_on_smollm2(smollm2_dir, prompt_sets):
+    """The same PLND set from Hugging Face PyTorch with forward hooks and float64 numpy scoring (real weights)."""
+    import torch
+    import transformers
+
+    from ports import load_pretrained
+    from ports.processing import TokenType, encode_chat
+    from precise_jax.shield import neuron_stats
+
+    # Short prompts: both sets then pad to the same bucket, so the capture compiles once.
+    harmful = [e for e in prompt_sets["jbb"] if len(e.prompt) < 120][:4]
+    benign = [e for e in prompt_sets["alpaca-eval"] if len(e.prompt) < 120][:4]
+    ratio = 0.01
+    lm = load_pretrained(smollm2_dir)
+    ours = select_safety_neurons(lm.params, neuron_stats(lm, harmful, batch_size=4, progress=False).stats,
+                                 neuron_stats(lm, benign, batch_size=4, progress=False).stats, ratio=ratio)
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    layers = hf.model.layers
+    captured = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(
+        lambda module, args, out, l=l: captured.__setitem__(l, args[0][0].double().numpy()))
+        for l, layer in enumerate(layers)]
+
+    def mean_over_prompts(examples):  # per prompt: mean over its prompt tokens; then the mean over prompts
+        total = np.zeros((len(layers), hf.config.intermediate_size))
+        for example in examples:
+            ids, types = encode_chat(lm.processor, example.prompt)
+            with torch.no_grad():
+                hf(torch.from_numpy(np.asarray(ids, np.int64)[None]))
+            total += np.stack([captured[l][types == TokenType.PROMPT].mean(0) for l in range(len(layers))])
+        return total / len(examples)
+
+    try:
+        means = {"harmful": mean_over_prompts(harmful), "benign": mean_over_prompts(benign)}
+    finally:
+        for hook in hooks:
+            hook.remove()
+    k = int(np.floor(ratio * hf.config.intermediate_size))
+    baseline = {}
+    for l, layer in enumerate(layers):
+        norms = np.linalg.norm(layer.mlp.down_proj.weight.detach().double().numpy(), axis=0)  # HF [d, d_ff]
+        top = {}
+        for name, mean in means.items():
+            saliency = np.abs(mean[l]) * norms
+            top[name] = set(np.argsort(-(saliency / saliency.sum()), kind="stable")[:k])
+        baseline[l] = sorted(top["harmful"] - top["benign"])
+    expected = NeuronSet(baseline, ours.width, ours.num_layers, ours.metadata)
+    assert len(ours) > 100 and ours.jaccard(expected) >= 0.95, (len(ours), ours.jaccard(expected))

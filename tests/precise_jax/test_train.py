@@ -14,7 +14,9 @@ from ports import CheckpointError, InputError, load_pretrained, save_pretrained
 from precise_jax.data import Example
 from precise_jax.masking import neuron_masks, trainable_count
 from precise_jax.neurons import NeuronSet
-from precise_jax.train import TrainConfig, response_loss, train
+from precise_jax import train as train_module
+from precise_jax.capture import model_inputs
+from precise_jax.train import TrainConfig, reply_nll, response_loss, train
 from tests.parity import randomize, rel_error
 
 LAYERS, D, FF, HEADS, KV_HEADS = 2, 32, 48, 4, 2
@@ -37,7 +39,8 @@ def lm(tmp_path_factory, smollm2_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_dir)  # a real chat template and vocabulary
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=D, intermediate_size=FF,
                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      num_key_value_heads=KV_HEADS, tie_word_embeddings=True)
+                                      num_key_value_heads=KV_HEADS, tie_word_embeddings=True,
+                                      mlp_bias=True)  # MLP biases: gate/up bias entries belong to neurons too
     torch.manual_seed(0)
     model = randomize(transformers.LlamaForCausalLM(config), seed=11)
     with torch.no_grad():  # -0.0 in frozen entries: adding a zero update would turn them into +0.0
@@ -85,11 +88,11 @@ def test_masked_adamw_moves_exactly_the_neuron_weights(lm, neurons, masked_run):
     assert set(changed) == set(masks)  # nothing outside the MLP leaves wired to the neurons changed
     for key, mask in masks.items():
         np.testing.assert_array_equal(changed[key], mask == 1)  # every selected entry moved, no other one
-    # by hand: 5 neurons x (gate column + up column + down row) of D entries each
-    assert result.trainable == trainable_count(neurons, D) == 5 * 3 * D
+    # by hand: 5 neurons x (gate column + up column + down row of D entries each, + a gate and an up bias entry)
+    assert result.trainable == trainable_count(neurons, D, gate_up_bias=True) == 5 * (3 * D + 2)
     total = len(lm.processor) * D + LAYERS * (2 * D * HEADS * (D // HEADS) + 2 * D * KV_HEADS * (D // HEADS)
-                                               + 3 * D * FF + 2 * D) + D
-    assert result.total == total and result.fraction == 5 * 3 * D / total
+                                               + 3 * D * FF + 2 * FF + D + 2 * D) + D
+    assert result.total == total and result.fraction == 5 * (3 * D + 2) / total
     assert len(result.losses) == 6 and np.all(np.isfinite(result.losses))
 
 
@@ -102,6 +105,9 @@ def test_lean_equals_masked(lm, neurons, masked_run):
                                                            neuron_masks(lm.params, neurons).items()}
     lean = train(lm, PAIRS, neurons, dataclasses.replace(sgd, mode="lean"), progress=False)
     assert lean.trainable == masked.trainable
+    assert {m: {k: v.shape for k, v in leaf.items()} for m, leaf in lean.trained["layers_0"].items()} == {
+        "gate_proj": {"kernel": (D, 3), "bias": (3,)}, "up_proj": {"kernel": (D, 3), "bias": (3,)},
+        "down_proj": {"kernel": (3, D)}}  # the down bias [D] belongs to no neuron
     assert lean.losses == masked.losses
     for a, b in zip(leaves(masked.model.params), leaves(lean.model.params)):
         np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -189,6 +195,41 @@ def test_response_loss_by_hand():
     expected = -(logp[0, 1, ids[0, 2]] + logp[0, 2, ids[0, 3]] + logp[1, 2, ids[1, 3]]) / 3
     np.testing.assert_allclose(response_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(types)), expected,
                                rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**25, 3 * 7])  # one chunk; chunks of 2 rows, most skipped
+def test_reply_nll_equals_the_full_logits_formula(monkeypatch, chunk_elements):
+    """Same value and gradients as `response_loss` on [B, T, V] logits, from hidden states and the head."""
+    monkeypatch.setattr(train_module, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+    rng = np.random.default_rng(6)
+    b, t, d, v = 3, 11, 5, 7
+    hidden, table = rng.normal(size=(b, t, d)).astype(np.float32), rng.normal(size=(d, v)).astype(np.float32)
+    ids = rng.integers(0, v, (b, t))
+    types = np.full((b, t), 3)
+    types[0, 8:], types[1, 4:6], types[2, :2] = 4, 4, 0  # replies at the end, in the middle, none in row 2
+    head = lambda w: lambda h: jnp.einsum("btd,dv->btv", h, w)  # noqa: E731
+
+    def gathered(h, w):
+        return reply_nll(head(w), h, jnp.asarray(ids), jnp.asarray(types), v)
+
+    def reference(h, w):
+        return response_loss(head(w)(h), jnp.asarray(ids), jnp.asarray(types))
+
+    value, grads = jax.jit(jax.value_and_grad(gathered, argnums=(0, 1)))(hidden, table)
+    expected, expected_grads = jax.value_and_grad(reference, argnums=(0, 1))(hidden, table)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_training_loss_equals_the_full_logits_formula(lm, neurons):
+    """The first step's loss is `response_loss` on the model's [B, T, V] logits for the same batch."""
+    config = TrainConfig(steps=1, batch_size=3, learning_rate=1e-2)
+    result = train(lm, PAIRS, neurons, config, progress=False)
+    batch = train_module._batch_at(train_module.as_examples(PAIRS), lm, config, 0)
+    logits = lm.model.apply({"params": lm.params}, **model_inputs(batch)).logits
+    expected = response_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["token_types"]))
+    np.testing.assert_allclose(result.losses[0], expected, rtol=1e-6)
 
 
 def test_bad_input(lm, neurons, tmp_path):
