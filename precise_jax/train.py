@@ -286,9 +286,11 @@ def make_step(model: nn.Module, plan: Plan):
 
     `trained` and `opt_state` are donated: pass the returned ones to the next call.
     """
+    # Only the plan's functions, never the plan: a cached step must not keep a copy of the parameters alive.
+    weights, optimizer, decay_params = plan.weights, plan.optimizer, plan.decay_params
 
     def loss_fn(trained, frozen, inputs, token_types):
-        params, interceptor = plan.weights(trained, frozen)
+        params, interceptor = weights(trained, frozen)
         with contextlib.ExitStack() as stack:
             if interceptor is not None:
                 stack.enter_context(nn.intercept_methods(interceptor))
@@ -299,10 +301,27 @@ def make_step(model: nn.Module, plan: Plan):
 
     def step(trained, opt_state, frozen, inputs, token_types):
         loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, inputs, token_types)
-        updates, opt_state = plan.optimizer.update(grads, opt_state, plan.decay_params(trained, frozen))
+        updates, opt_state = optimizer.update(grads, opt_state, decay_params(trained, frozen))
         return _apply_updates(trained, updates), opt_state, loss
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+# Masked steps by (model, optimizer settings, trained layers): the neuron selection is optimizer state, so one
+# compiled step serves every set over the same layers (the random-neuron control, other conditions, reruns).
+_MASKED_STEPS: dict[tuple, Callable] = {}
+
+
+def _step_for(model: nn.Module, plan: Plan, config: TrainConfig, total_steps: int) -> Callable:
+    if config.mode not in ("masked", "random"):
+        return make_step(model, plan)
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k in ("optimizer", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "schedule",
+                         "matrices")}
+    key = (model, total_steps, tuple(sorted(settings.items())), tuple(plan.neurons.neurons))
+    if key not in _MASKED_STEPS:
+        _MASKED_STEPS[key] = make_step(model, plan)
+    return _MASKED_STEPS[key]
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -446,7 +465,7 @@ def train(
                   f"({plan.count / total:.4%}), {total_steps} steps", file=sys.stderr)
         bar = tqdm(total=sum(rows), initial=sum(rows[:start]), unit="ex", desc=f"train {config.mode}",
                    file=sys.stderr, dynamic_ncols=True, disable=not progress)
-        step_fn, began = make_step(lm.model, plan), time.perf_counter()
+        step_fn, began = _step_for(lm.model, plan, config, total_steps), time.perf_counter()
         for step in range(start, total_steps):
             batch = _batch_at(examples, lm, config, step)
             trained, opt_state, loss = step_fn(trained, opt_state, plan.frozen, model_inputs(batch),

@@ -1,7 +1,9 @@
 """Masked SFT: only neuron weights move, lean == masked, baselines learn, resume is bit-identical, HF loads export."""
 
 import dataclasses
+import os
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ from precise_jax.masking import neuron_masks, trainable_count
 from precise_jax.neurons import NeuronSet
 from precise_jax import train as train_module
 from precise_jax.capture import model_inputs
-from precise_jax.train import TrainConfig, reply_nll, response_loss, train
+from precise_jax.train import TrainConfig, make_plan, reply_nll, response_loss, train
 from tests.parity import randomize, rel_error
 
 LAYERS, D, FF, HEADS, KV_HEADS = 2, 32, 48, 4, 2
@@ -55,7 +57,7 @@ def lm(tmp_path_factory, smollm2_dir):
 
 @pytest.fixture(scope="module")
 def neurons(lm):
-    return NeuronSet({0: [2, 17, 40], 1: [5, 47]}, FF, LAYERS, {"model": str(lm.source)})
+    return NeuronSet({0: [2, 17, 40], 1: [5, 47]}, FF, LAYERS, {"model": lm.model_id})
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +143,13 @@ def test_full_and_lora_lower_the_loss(lm):
                                        rtol=1e-6, atol=1e-7)
 
 
-def test_random_mode_trains_another_set_of_the_same_size(lm, neurons):
-    config = TrainConfig(mode="random", steps=1, batch_size=2, learning_rate=1e-2, seed=3)
-    result = train(lm, PAIRS, neurons, config, progress=False)
+def test_random_mode_trains_another_set_of_the_same_size_with_the_same_compiled_step(lm, neurons, masked_run):
+    masked_run  # noqa: B018  (compiled the masked step for ADAMW over layers 0 and 1)
+    steps = dict(train_module._MASKED_STEPS)
+    compiled = {key: step._cache_size() for key, step in steps.items()}
+    result = train(lm, PAIRS, neurons, dataclasses.replace(ADAMW, mode="random", seed=3), progress=False)
+    assert train_module._MASKED_STEPS == steps  # the selection is optimizer state: another set, no new step ...
+    assert {key: step._cache_size() for key, step in steps.items()} == compiled  # ... and no new compilation
     assert result.neurons.per_layer() == neurons.per_layer()
     assert not result.neurons.pairs() & neurons.pairs()
     changed = changed_entries(lm.params, result.model.params)
@@ -222,21 +228,32 @@ def test_reply_nll_equals_the_full_logits_formula(monkeypatch, chunk_elements):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
 
 
-def test_training_loss_equals_the_full_logits_formula(lm, neurons):
+def test_training_loss_equals_the_full_logits_formula(lm, masked_run):
     """The first step's loss is `response_loss` on the model's [B, T, V] logits for the same batch."""
-    config = TrainConfig(steps=1, batch_size=3, learning_rate=1e-2)
-    result = train(lm, PAIRS, neurons, config, progress=False)
-    batch = train_module._batch_at(train_module.as_examples(PAIRS), lm, config, 0)
+    result, _ = masked_run
+    batch = train_module._batch_at(train_module.as_examples(PAIRS), lm, ADAMW, 0)
     logits = lm.model.apply({"params": lm.params}, **model_inputs(batch)).logits
     expected = response_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["token_types"]))
     np.testing.assert_allclose(result.losses[0], expected, rtol=1e-6)
+
+
+def test_one_model_identity_whatever_the_path_given(lm, neurons, monkeypatch):
+    """Statistics, neuron sets and runs record `Pretrained.model_id`: a relative path names the same model."""
+    from precise_jax.shield import model_id
+
+    monkeypatch.chdir(lm.source.parent)
+    relative = dataclasses.replace(lm, source=Path(lm.source.name))
+    assert relative.model_id == lm.model_id == model_id(relative) == os.path.abspath(lm.source)
+    assert neurons.model == lm.model_id
+    plan = make_plan(relative, neurons, TrainConfig(steps=1), 1)  # accepted: the set was located on this model
+    assert plan.neurons is neurons
 
 
 def test_bad_input(lm, neurons, tmp_path):
     config = TrainConfig(steps=1, batch_size=2)
     folder = tmp_path / "never"
     with pytest.raises(InputError, match="empty"):
-        train(lm, PAIRS, NeuronSet({}, FF, LAYERS, {"model": str(lm.source)}), config, checkpoint_dir=folder)
+        train(lm, PAIRS, NeuronSet({}, FF, LAYERS, {"model": lm.model_id}), config, checkpoint_dir=folder)
     with pytest.raises(InputError, match="Locate neurons on this model"):
         train(lm, PAIRS, NeuronSet({0: [1]}, FF, LAYERS, {"model": "another/model"}), config)
     with pytest.raises(InputError, match="Locate neurons on this model"):
