@@ -10,7 +10,8 @@ Modes (one jitted step each; the trained tree and optimizer state are arguments 
 - `random`: masked mode on `neurons.random_like(set, seed)`, the same count per layer (the control).
 
 The loss is the mean next-token negative log-likelihood of the reply tokens (token type RESPONSE), each predicted
-from the previous position. The data order is a pure function of (seed, epoch), so a checkpoint (trained tree,
+from the previous position; only those positions meet the LM head, in chunks (`reply_nll`), so no [B, T, V] logits
+exist. The data order is a pure function of (seed, epoch), so a checkpoint (trained tree,
 optimizer state, step, loss history) resumes a killed run bit for bit.
 """
 

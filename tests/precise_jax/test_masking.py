@@ -1,4 +1,5 @@
-"""Neuron masks: masked-out entries stay bit-identical under AdamW + clipping; lean deltas equal masked updates."""
+"""Neuron masks: masked-out entries stay bit-identical under AdamW + clipping; lean deltas (biases too) equal
+masked updates."""
 
 import flax.linen as nn
 import jax
@@ -20,10 +21,11 @@ LAYERS, D, FF = 3, 24, 40
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen2")
-    config = transformers.Qwen2Config(vocab_size=71, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    # MLP biases (Llama's mlp_bias): gate/up bias entries belong to their neurons, the down bias to none
+    config = transformers.LlamaConfig(vocab_size=71, hidden_size=D, intermediate_size=FF, num_hidden_layers=LAYERS,
+                                      num_attention_heads=4, num_key_value_heads=2, mlp_bias=True)
     torch.manual_seed(0)
-    randomize(transformers.Qwen2ForCausalLM(config), seed=8).save_pretrained(path)
+    randomize(transformers.LlamaForCausalLM(config), seed=8).save_pretrained(path)
     return load_pretrained(path)
 
 
@@ -55,36 +57,42 @@ def lm_loss(lm, batch, interceptor=None):
     return loss
 
 
+def mlp_key(path) -> tuple | None:
+    """(layer, matrix, leaf) of a language-model MLP leaf's tree path, as `neuron_masks` keys them."""
+    keys = [p.key for p in path]
+    if keys[0] == "lm" and len(keys) == 5 and keys[2] == "mlp":
+        return int(keys[1].split("_")[1]), keys[3], keys[4]
+    return None
+
+
 def test_masked_adamw_leaves_every_other_entry_bit_identical(lm, neurons, batch):
     optimizer = neuron_masked(optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2, weight_decay=0.1)),
                               lm.params, neurons)
     params, state = lm.params, None
     state = optimizer.init(params)
-    loss = jax.jit(jax.value_and_grad(lm_loss(lm, batch)))
+    loss, update = jax.jit(jax.value_and_grad(lm_loss(lm, batch))), jax.jit(optimizer.update)
     losses = []
     for _ in range(5):
         value, grads = loss(params)
-        updates, state = optimizer.update(grads, state, params)
+        updates, state = update(grads, state, params)
         params = optax.apply_updates(params, updates)
         losses.append(float(value))
     assert losses[-1] < losses[0]
     masks = neuron_masks(lm.params, neurons)
     changed = 0
     for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(lm.params), jax.tree_util.tree_leaves(params)):
-        keys = [p.key for p in path]
-        key = (int(keys[1].split("_")[1]), keys[3], keys[4]) if keys[0] == "lm" and len(keys) == 5 and keys[2] == "mlp" \
-            else None
+        key = mlp_key(path)
         frozen = 1 - masks[key] if key in masks else np.ones(before.shape)
         np.testing.assert_array_equal(np.asarray(after)[frozen == 1], np.asarray(before)[frozen == 1])
         changed += int((np.asarray(after) != np.asarray(before)).sum())
-    assert changed == trainable_count(neurons, D) == sum(int(m.sum()) for m in masks.values())
-    # frozen leaves keep no optimizer state: moments exist only for the 6 leaves wired to neurons, and the selection
-    # is one bool d_ff vector per such leaf, not a mask of the leaf's size
-    state_leaves = [x for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape") and x.ndim == 2]
-    moments = [x for x in state_leaves if x.dtype == jnp.float32]
-    selection = [x for x in state_leaves if x.dtype == jnp.bool_]
-    assert sorted(x.shape for x in moments) == sorted(2 * [(D, FF)] * 4 + 2 * [(FF, D)] * 2)
-    assert sorted(x.shape for x in selection) == sorted([(1, FF)] * 4 + [(FF, 1)] * 2)
+    assert changed == trainable_count(neurons, D, gate_up_bias=True) == sum(int(m.sum()) for m in masks.values())
+    # frozen leaves keep no optimizer state: moments exist only for the 10 leaves wired to neurons (gate/up kernels
+    # and biases, down kernels, in 2 layers), and the selection is one bool d_ff vector per such leaf
+    state_leaves = [x for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape") and x.ndim >= 1]
+    moments = [x.shape for x in state_leaves if x.dtype == jnp.float32]
+    selection = [x.shape for x in state_leaves if x.dtype == jnp.bool_]
+    assert sorted(moments) == sorted(2 * ([(D, FF)] * 4 + [(FF,)] * 4 + [(FF, D)] * 2))
+    assert sorted(selection) == sorted([(1, FF)] * 4 + [(FF,)] * 4 + [(FF, 1)] * 2)
 
 
 def test_another_set_over_the_same_layers_reuses_the_compiled_update(lm, neurons):
@@ -101,8 +109,7 @@ def test_another_set_over_the_same_layers_reuses_the_compiled_update(lm, neurons
     masks = neuron_masks(lm.params, other)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(reused), jax.tree_util.tree_leaves(own)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
-        keys = [p.key for p in path]
-        key = (int(keys[1].split("_")[1]), keys[3], keys[4]) if len(keys) == 5 and keys[2] == "mlp" else None
+        key = mlp_key(path)
         np.testing.assert_array_equal(np.asarray(a) != 0, masks[key] == 1 if key in masks else False)
     update(grads, first.init(lm.params), lm.params)
     assert update._cache_size() == 1
@@ -118,19 +125,20 @@ def test_lean_deltas_equal_merged_weights_and_masked_gradients(lm, neurons, batc
     rng = np.random.default_rng(1)
     deltas = jax.tree_util.tree_map(lambda z: jnp.asarray(rng.normal(size=z.shape) * 0.1, jnp.float32),
                                     lean.init(lm.params))
-    with_interceptor = lm_loss(lm, batch, lean.interceptor(deltas))(lm.params)
+    assert deltas["layers_2"]["up_proj"]["bias"].shape == (3,) and "bias" not in deltas["layers_2"]["down_proj"]
     merged = lean.merge(lm.params, deltas)
-    np.testing.assert_allclose(with_interceptor, lm_loss(lm, batch)(merged), rtol=1e-6)
 
-    # gradient w.r.t. the deltas == the full gradient at the selected rows/columns
-    grad_deltas = jax.grad(lambda dl: lm_loss(lm, batch, lean.interceptor(dl))(lm.params))(deltas)
-    grad_full = jax.grad(lm_loss(lm, batch))(merged)
+    # loss and gradient w.r.t. the deltas == the merged model's, at the selected rows/columns/bias entries
+    loss_deltas, grad_deltas = jax.jit(jax.value_and_grad(
+        lambda dl: lm_loss(lm, batch, lean.interceptor(dl))(lm.params)))(deltas)
+    loss_full, grad_full = jax.jit(jax.value_and_grad(lm_loss(lm, batch)))(merged)
+    np.testing.assert_allclose(loss_deltas, loss_full, rtol=1e-6)
     for layer, idx in lean.indices().items():
         g = grad_full["lm"][layer]["mlp"]
-        np.testing.assert_allclose(grad_deltas[layer]["gate_proj"]["kernel"], g["gate_proj"]["kernel"][:, idx], rtol=1e-4,
-                                   atol=1e-7)
-        np.testing.assert_allclose(grad_deltas[layer]["down_proj"]["kernel"], g["down_proj"]["kernel"][idx, :], rtol=1e-4,
-                                   atol=1e-7)
+        for matrix, leaf, entries in [("gate_proj", "kernel", (slice(None), idx)), ("up_proj", "bias", idx),
+                                      ("down_proj", "kernel", idx)]:
+            np.testing.assert_allclose(grad_deltas[layer][matrix][leaf], g[matrix][leaf][entries], rtol=1e-4,
+                                       atol=1e-7)
 
 
 def test_bad_input(lm, neurons):
