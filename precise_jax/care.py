@@ -25,7 +25,7 @@ from precise_jax.data import Example, build_conditions, make_batches, stable_has
 from precise_jax.evaluate import refusal_keyword_judge, refusal_scores, refusal_token_ids, respond
 from precise_jax.interventions import FUSIONS, care_projection, projection_hook
 from precise_jax.mediation import activation_patching, attribution_patching, layer_skip_effects, neuron_patching
-from precise_jax.shield import REFUSALS, model_id
+from precise_jax.shield import REFUSALS
 from precise_jax.subspace import MODES, SELECTIONS, Subspace, build_subspace, collect_care
 
 SITE_KINDS = ("resid", "mlp.out", "attn.out")
@@ -224,7 +224,7 @@ def fit(
         raise InputError(f"fit: layers {list(layers)} must be a non-empty list within the model's {n} layers")
     sites = [f"lm.layers.{int(l)}.{site}" for l in layers]
     visual = has_vision(lm) if visual is None else visual
-    common = {"model": model_id(lm), "selection": selection, **(provenance or {})}
+    common = {"model": lm.model_id, "selection": selection, **(provenance or {})}
     options = {"mode": mode, "shrinkage": 0.0 if mode == "faithful" else shrinkage}
 
     def subspaces(modality, malicious, benign_examples, extra):

@@ -55,13 +55,13 @@ def summarize(results: dict) -> dict:
                                                                                       "benign_refusal")}
             models[name] |= {"next_token_kl": e["utility"]["kl"]["value"],
                              "perplexity_ratio": e["utility"]["perplexity_ratio"]["value"]}
-    check = results["causal_check"]
     return {
         "model": results["model"],
         "neurons": results["neurons"]["count"],
         "parameter_fraction": results["neurons"]["parameter_fraction"],
-        "causal_check": {key: check[key] for key in
-                         ("refusal_drop", "random_refusal_drop", "logit_drop", "random_logit_drop")},
+        "causal_check": {kind: {key: check[key] for key in
+                                ("refusal_drop", "random_refusal_drop", "logit_drop", "random_logit_drop")}
+                         for kind, check in results["causal_check"].items()},
         "held_out": models,
         "seconds": round(sum(results["seconds"].values()), 1),
     }
@@ -177,11 +177,11 @@ def locate_command(args, out) -> dict:
 def ablate_command(args, out) -> dict:
     """Causal check: refusal with the safety neurons ablated vs random sets of the same size per layer."""
     from precise_jax.neurons import NeuronSet, check_for_model
-    from precise_jax.shield import causal_check, model_id
+    from precise_jax.shield import causal_check
 
     lm = load_model(args)
     neurons = NeuronSet.load(args.neurons)
-    check_for_model(neurons, model_id(lm), lm.config.num_layers, lm.config.intermediate_size)
+    check_for_model(neurons, lm.model_id, lm.config.num_layers, lm.config.intermediate_size)
     _, harmful, _, _ = split_sets(args, lm)
     result = causal_check(lm, neurons, harmful, kind=args.kind, random_seeds=args.random_seeds,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -193,14 +193,14 @@ def align_command(args, out) -> dict:
     """Neuron-masked alignment: SFT on harmful -> refusal and benign -> answer, only the neurons' weights move."""
     from ports import save_pretrained
     from precise_jax.neurons import NeuronSet, check_for_model
-    from precise_jax.shield import alignment_examples, model_id
+    from precise_jax.shield import alignment_examples
     from precise_jax.train import TrainConfig, train
 
     lm = load_model(args)
     neurons = None
     if args.mode != "full":
         neurons = NeuronSet.load(args.neurons)
-        check_for_model(neurons, model_id(lm), lm.config.num_layers, lm.config.intermediate_size)
+        check_for_model(neurons, lm.model_id, lm.config.num_layers, lm.config.intermediate_size)
     harmful, _, benign, _ = split_sets(args, lm)
     config = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay,
@@ -288,15 +288,14 @@ def care_generate_command(args, out) -> dict:
     judge) of harmful and benign prompts before and after, for every α and k."""
     from ports.errors import InputError
     from precise_jax.care import evaluate_projection
-    from precise_jax.shield import model_id
     from precise_jax.subspace import load_subspaces
 
     lm = load_model(args)
     subspaces, metadata = load_subspaces(args.subspaces)
     fitted_on = {s.provenance.get("model") for s in subspaces.values()}
-    if fitted_on != {model_id(lm)}:
+    if fitted_on != {lm.model_id}:
         raise InputError(f"care generate: {args.subspaces} was fitted on {sorted(map(str, fitted_on))}, not on "
-                         f"{model_id(lm)}; fit subspaces on this model first")
+                         f"{lm.model_id}; fit subspaces on this model first")
     _, harmful, _, benign = split_sets(args, lm)
     result = evaluate_projection(lm, subspaces, harmful, benign, alphas=args.alpha, ks=args.k or [None],
                                  fusion=args.fusion, apply_at=args.apply_at, max_new_tokens=args.max_new_tokens,
@@ -419,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", default=defaults.pool, choices=["mean", "last", "max"])
     p.add_argument("--combine", default=defaults.combine, choices=["union", "intersection"],
                    help="how the conditions' neuron sets combine")
-    p.add_argument("--ablation", default=defaults.ablation, choices=["zero", "mean", "amplify"])
+    p.add_argument("--ablations", nargs="+", default=list(defaults.ablations), choices=["zero", "mean", "amplify"],
+                   help="edits of the causal check (each against random sets of the same size)")
     p.add_argument("--mode", default=defaults.mode, choices=["lean", "masked"])
     p.add_argument("--baselines", nargs="*", default=list(defaults.baselines), choices=["random"],
                    help="also train a random neuron set of the same size per layer, the same way")

@@ -300,11 +300,17 @@ def plot_losses(ax, losses: Mapping[str, Sequence[float]]) -> None:
     ax.legend()
 
 
+CAUSAL_NOTE = ("The refusal logit score is the log-odds of refusal-opening tokens at the first reply position. The "
+               "neurons are causal for refusal when editing them moves it more than editing random sets does: "
+               "zeroing should lower refusal (it cannot when the model hardly refuses to begin with), amplifying "
+               "(x2) should raise it.")
+
+
 def shield_report(report: Report, results: Mapping, located=None, *, examples: int = 3) -> None:
     """The tables and plots of a Precise Shield run (`precise_jax.shield.run_pipeline`'s results) into `report`:
     headline, data, safety neurons (per layer, overlap across conditions), causal check, training, refusal and
     attack success before/after per condition with paired intervals, utility cost, and example responses."""
-    evaluation, neurons, check = results["evaluation"], results["neurons"], results["causal_check"]
+    evaluation, neurons, checks = results["evaluation"], results["neurons"], results["causal_check"]
     trained = [name for name in evaluation if name != "original"]
     headline = [f"- model: `{results['model']}`; conditions: {', '.join(results['conditions'])}",
                 f"- {neurons['count']} safety neurons ({100 * neurons['parameter_fraction']:.3f} % of the parameters "
@@ -341,18 +347,17 @@ def shield_report(report: Report, results: Mapping, located=None, *, examples: i
             report.figure("neuron_overlap", plot_overlap, located.per_condition,
                           caption="Jaccard overlap of the conditions' safety neurons")
 
-    random = check["random_summary"]
-    report.table(f"Causal check: {check['kind']}-ablation on {check['examples']} held-out harmful prompts",
-                 ["edit", "refusal rate", "refusal logit score"], [
-                     ["none", check["unedited"]["refusal_rate"], check["unedited"]["refusal_logit"]],
-                     [f"safety neurons ({check['neurons']})", check["safety_neurons"]["refusal_rate"],
-                      check["safety_neurons"]["refusal_logit"]],
-                     [f"random sets of the same size per layer (mean ± sd of {len(check['random'])})",
-                      f"{random['refusal_rate_mean']:.3f} ± {random['refusal_rate_std']:.3f}",
-                      f"{random['refusal_logit_mean']:.3f} ± {random['refusal_logit_std']:.3f}"],
-                 ], note="The refusal logit score is the log-odds of refusal-opening tokens at the first reply "
-                         "position. Safety neurons are causal for refusal when ablating them moves it more than "
-                         "random sets do.")
+    for kind, check in checks.items():
+        random = check["random_summary"]
+        report.table(f"Causal check: {kind} the safety neurons, {check['examples']} held-out harmful prompts",
+                     ["edit", "refusal rate", "refusal logit score"], [
+                         ["none", check["unedited"]["refusal_rate"], check["unedited"]["refusal_logit"]],
+                         [f"{kind}: safety neurons ({check['neurons']})", check["safety_neurons"]["refusal_rate"],
+                          check["safety_neurons"]["refusal_logit"]],
+                         [f"{kind}: random sets of the same size per layer (mean ± sd of {len(check['random'])})",
+                          f"{random['refusal_rate_mean']:.3f} ± {random['refusal_rate_std']:.3f}",
+                          f"{random['refusal_logit_mean']:.3f} ± {random['refusal_logit_std']:.3f}"],
+                     ], note=CAUSAL_NOTE)
 
     training = results["training"]
     report.table("Alignment training", ["run", "mode", "neurons", "trainable parameters", "fraction", "steps",

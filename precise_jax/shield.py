@@ -36,11 +36,6 @@ class Located:
     benign_stats: dict[str, Moments]
 
 
-def model_id(lm) -> str:
-    """`lm.model_id` (kept for callers of this name)."""
-    return lm.model_id
-
-
 def neuron_stats(lm, examples: Sequence, *, positions: str = "prompt", pool: str = "mean", batch_size: int = 8,
                  progress: bool = True):
     """Streaming statistics of every layer's neurons (`lm.layers.{l}.mlp.act`) over a prompt set."""
@@ -74,7 +69,7 @@ def locate(
     for name in harmful:
         h = neuron_stats(lm, harmful[name], positions=positions, pool=pool, batch_size=batch_size, progress=progress)
         b = neuron_stats(lm, benign[name], positions=positions, pool=pool, batch_size=batch_size, progress=progress)
-        metadata = {"model": model_id(lm), "condition": name, "positions": positions, "pool": pool,
+        metadata = {"model": lm.model_id, "condition": name, "positions": positions, "pool": pool,
                     "harmful_data": h.metadata["data"], "benign_data": b.metadata["data"],
                     "harmful_examples": h.metadata["examples"], "benign_examples": b.metadata["examples"]}
         per_condition[name] = select_safety_neurons(lm.params, h.stats, b.stats, score=score, ratio=ratio,
@@ -220,7 +215,7 @@ class PipelineConfig:
     positions: str = "prompt"
     pool: str = "mean"
     combine: str = "union"
-    ablation: str = "zero"
+    ablations: tuple[str, ...] = ("zero", "amplify")  # causal-check edits: "zero", "mean", "amplify" (x2)
     random_seeds: int = 2  # random neuron sets in the causal check
     mode: str = "lean"
     epochs: int = 2
@@ -315,11 +310,13 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
         responses["original"] = (answers(lm, held_harmful, "original: harmful"),
                                  answers(lm, held_benign, "original: benign"))
 
-    with stage("causal check"):
-        check = causal_check(lm, neurons, held_harmful, kind=config.ablation, means=located.benign_stats,
-                             random_seeds=config.random_seeds, max_new_tokens=config.max_new_tokens,
-                             batch_size=config.batch_size, progress=progress,
-                             unedited=responses["original"][0][0])
+    checks = {}
+    for kind in config.ablations:
+        with stage(f"causal check: {kind}"):
+            checks[kind] = causal_check(lm, neurons, held_harmful, kind=kind, means=located.benign_stats,
+                                        random_seeds=config.random_seeds, max_new_tokens=config.max_new_tokens,
+                                        batch_size=config.batch_size, progress=progress,
+                                        unedited=responses["original"][0][0])
 
     train_config = TrainConfig(mode=config.mode, epochs=config.epochs, batch_size=config.batch_size,
                                learning_rate=config.learning_rate, weight_decay=config.weight_decay,
@@ -369,7 +366,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
                                   for e, t, r in zip(held_benign, *responses[name][1])]}
                 for name in responses}
     return {
-        "model": model_id(lm),
+        "model": lm.model_id,
         "config": dataclasses.asdict(config),
         "conditions": conditions,
         "data": {"harmful_fit": len(parts["harmful"][0]), "harmful_held_out": len(parts["harmful"][1]),
@@ -379,10 +376,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
                     "per_condition": {k: len(v) for k, v in located.per_condition.items()},
                     "overlap": {"conditions": located.overlap[0], "jaccard": np.asarray(located.overlap[1]).tolist()},
                     "parameter_fraction": training["aligned"]["trainable_fraction"]},
-        "causal_check": {k: v for k, v in check.items() if k not in ("unedited", "safety_neurons", "random")}
-        | {"safety_neurons": _without_responses(check["safety_neurons"]),
-           "random": [_without_responses(r) for r in check["random"]],
-           "unedited": _without_responses(check["unedited"])},
+        "causal_check": {kind: _without_responses(check) for kind, check in checks.items()},
         "training": training,
         "evaluation": to_json(evaluation),
         "responses": examples,
@@ -396,5 +390,7 @@ NEURON_MODES_FOR_PIPELINE = ("lean", "masked")
 BASELINES = ("random",)
 
 
-def _without_responses(measured: dict) -> dict:
-    return {k: v for k, v in measured.items() if k != "responses"}
+def _without_responses(check: dict) -> dict:
+    """A causal-check result without the generated texts (the original's are kept with the evaluation)."""
+    edits = {key: {k: v for k, v in check[key].items() if k != "responses"} for key in ("unedited", "safety_neurons")}
+    return {**check, **edits, "random": [{k: v for k, v in r.items() if k != "responses"} for r in check["random"]]}

@@ -116,10 +116,15 @@ def test_training_and_neuron_bookkeeping(lm, run):
         training = run["training"][name]
         assert training["neurons"] == neurons["count"] and training["trainable"] == 3 * d * neurons["count"]
         assert training["steps"] == -(-run["data"]["training_pairs"] // SMALL.batch_size)
-    check = run["causal_check"]
-    assert len(check["random"]) == SMALL.random_seeds and check["neurons"] == neurons["count"]
-    assert check["refusal_drop"] == pytest.approx(check["unedited"]["refusal_rate"]
-                                                  - check["safety_neurons"]["refusal_rate"])
+    assert sorted(run["causal_check"]) == ["amplify", "zero"]
+    for check in run["causal_check"].values():
+        assert len(check["random"]) == SMALL.random_seeds and check["neurons"] == neurons["count"]
+        assert check["refusal_drop"] == pytest.approx(check["unedited"]["refusal_rate"]
+                                                      - check["safety_neurons"]["refusal_rate"])
+        assert check["logit_drop"] == pytest.approx(check["unedited"]["refusal_logit"]
+                                                    - check["safety_neurons"]["refusal_logit"])
+    zero, amplify = run["causal_check"]["zero"], run["causal_check"]["amplify"]
+    assert zero["unedited"] == amplify["unedited"] and zero["safety_neurons"] != amplify["safety_neurons"]
 
 
 def test_bad_input(lm, sets):
