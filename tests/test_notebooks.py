@@ -8,10 +8,9 @@ import json
 import os
 from pathlib import Path
 
+import nbclient  # nbformat, nbclient and ipykernel come with the `test` extra
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")  # in the `test` extra; a missing one is reported, not hidden
-nbclient = pytest.importorskip("nbclient")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
