@@ -334,12 +334,15 @@ def child_capture_jax(args, work: Path) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from precise_jax.capture import collect
+    from ports.layers import fused_attention_chosen, set_attention_implementation
+    from precise_jax.capture import _place, _step, collect, host_inputs, position_mask
+    from precise_jax.stats import Moments
 
     llava = llava_config(args.tiny)
     start = time.perf_counter()
     lm = random_lm(llava)
-    out = {"device": device_name(), "init_s": time.perf_counter() - start, "peak_after_init": jax_peak()}
+    out = {"device": device_name(), "init_s": time.perf_counter() - start, "peak_after_init": jax_peak(),
+           "attention": "cudnn" if fused_attention_chosen(jnp.bfloat16, lm.config.text.head_dim) else "xla"}
     batch = vlm_batch(llava, args.capture_batch, args.capture_tokens)
     rows, tokens = batch["input_ids"].shape
     out["flops_plain"] = forward_flops(lm.params, lm.config, rows, tokens, head=True)
@@ -373,6 +376,41 @@ def child_capture_jax(args, work: Path) -> dict:
     out["capture_check"] = {"count": int(moments[sites[0]].count),
                             "finite": bool(all(np.isfinite(np.asarray(moments[s].mean)).all() for s in sites))}
     log(f"capture jax collect: {rows * tokens * args.capture_batches / out['capture']['median_s']:,.0f} tokens/s")
+
+    # The capture step alone on inputs already on the device (the compiled step of `collect`): what remains of
+    # a collect call's time is its host loop.
+    placed, mask, valid = _place(None, host_inputs(host), position_mask(host, "all"), np.ones(rows, bool))
+    width = lm.config.text.intermediate_size
+
+    def step_only():
+        state = {s: Moments.zeros(width, False) for s in sites}
+        for _ in range(args.capture_batches):
+            state, _ = _step(lm.model, sites, "mean", (), False, lm.params, placed, mask, valid, None, state)
+        return jax.block_until_ready(state)
+
+    out["step_only"] = stats(timed(step_only, args.repeats)[1])
+
+    if out["attention"] == "cudnn" or args.tiny:
+        # The same forward with the XLA attention path: its speed, and its logits against the fused kernel's
+        # (--tiny on a CPU: both are the XLA path, a rehearsal of this code).
+        fused_logits = np.asarray(compiled(lm.params, inputs))
+        previous = set_attention_implementation("xla")
+        try:
+            start = time.perf_counter()
+            reference = jax.jit(forward).lower(lm.params, inputs).compile()
+            out["plain_xla_compile_s"] = time.perf_counter() - start
+            out["plain_xla"] = stats(timed(lambda: jax.block_until_ready(reference(lm.params, inputs)),
+                                           args.repeats)[1])
+            xla_logits = np.asarray(reference(lm.params, inputs))
+        finally:
+            set_attention_implementation(previous)
+        diff = np.abs(fused_logits - xla_logits)
+        out["fused_vs_xla"] = {
+            "max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_abs_logit": float(np.abs(xla_logits).max()),
+            "argmax_agree": float(np.mean(fused_logits.argmax(-1) == xla_logits.argmax(-1))),
+            "finite": bool(np.isfinite(fused_logits).all())}
+        log(f"capture jax: XLA attention plain {rows * tokens / out['plain_xla']['median_s']:,.0f} tokens/s; "
+            f"fused vs XLA logits {out['fused_vs_xla']}")
     return out
 
 
@@ -623,6 +661,26 @@ def section_header(title: str, key: str, result: dict) -> str:
 """
 
 
+def attention_lines(jx: dict, a: dict, n: int) -> str:
+    """The JAX capture child's attention kernel, its agreement with the XLA path, and the collect breakdown."""
+    lines = [f"- JAX attention kernel: {jx.get('attention', 'xla (before the choice existed)')} (`ports.layers."
+             "set_attention_implementation`, \"auto\": cuDNN flash attention on NVIDIA GPUs for bf16 prefill and the "
+             "vision tower)"]
+    if "plain_xla" in jx:
+        c = jx["fused_vs_xla"]
+        lines.append(f"- same JAX model with the XLA attention path: plain {n / jx['plain_xla']['median_s']:,.0f} "
+                     f"tokens/s ({jx['plain_xla']['median_s'] * 1e3:.0f} ms / batch); logits, cuDNN vs XLA: max |Δ| "
+                     f"{c['max_abs']:.3f} (mean {c['mean_abs']:.4f}; max |logit| {c['max_abs_logit']:.1f}), argmax "
+                     f"agrees on {c['argmax_agree']:.2%} of positions, all finite: {c['finite']}")
+    if "step_only" in jx:
+        step = jx["step_only"]["median_s"] / a["capture_batches"]
+        whole = jx["capture"]["median_s"] / a["capture_batches"]
+        lines.append(f"- `collect`'s compiled step alone on inputs already on the device: {step * 1e3:.0f} ms / batch "
+                     f"({n / step:,.0f} tokens/s); the rest of a `collect` call (host loop, transfers, state set-up) "
+                     f"{(whole - step) * 1e3:.1f} ms / batch")
+    return "\n".join(lines)
+
+
 def capture_markdown(result: dict) -> str:
     jx, pt, a = result["runs"]["jax"], result["runs"]["torch"], result["args"]
     n = a["capture_batch"] * a["capture_tokens"]
@@ -654,7 +712,8 @@ def capture_markdown(result: dict) -> str:
 - MFU: model FLOPs ({jx['flops_plain'] / n / 1e9:.2f} GFLOP/token with the LM head, {jx['flops_capture'] / n / 1e9:.2f} without: 2 × parameters × tokens for every matrix product, vision tower per image token, decoder attention causal) over the bf16 8192³ matrix-product rate measured in the PyTorch child, {rate / 1e12 if rate else float('nan'):.0f} TFLOP/s
 - JAX compile: plain forward {jx['plain_compile_s']:.1f} s; first `collect` call {jx['capture_first_s']:.1f} s (compiles the capture step). Random init: JAX {jx['init_s']:.1f} s, PyTorch {pt['init_s']:.1f} s
 - JAX peak is cumulative over the process (weights, then the plain forward, then capture); PyTorch's is reset between phases; weights alone: JAX {gib(jx['peak_after_init'])} GiB, PyTorch {gib(pt['peak_after_init'])} GiB
-- checks: statistics finite in both; JAX counted {jx['capture_check']['count']} pooled rows per pass"""
+- checks: statistics finite in both; JAX counted {jx['capture_check']['count']} pooled rows per pass
+{attention_lines(jx, a, n)}"""
     return section_header(
         f"GPU: activation capture, LLaVA-1.5-7B prefill {a['capture_batch']} × {a['capture_tokens']} tokens, "
         "bf16", "gpu capture", result) + f"""- input: {a['capture_batch']} rows × {a['capture_tokens']} tokens, each [BOS, {(side // patch) ** 2} image tokens, random text]; random pixel_values [{a['capture_batch']}, 3, {side}, {side}] (bf16); no padding

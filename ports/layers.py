@@ -8,7 +8,9 @@ Shapes: B batch, T new tokens, S key slots (cache size), D model width, H heads,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -195,10 +197,18 @@ class KVCache:
 
 @flax.struct.dataclass
 class AttentionMask:
-    """Which key slots each new token may attend to, and where the new keys go in the cache."""
+    """Which key slots each new token may attend to (causally), and where the new keys go in the cache."""
 
     allowed: Array  # [B, 1, T, S] bool
     offset: Array | int  # slot of the first new token
+    valid_keys: Array | None = None  # [B, S] bool: non-pad key slots (what `allowed` was built from)
+    window: int | None = flax.struct.field(pytree_node=False, default=None)  # sliding window, keys per query
+
+    def covers_all_slots(self, num_new: int) -> bool:
+        """True when the new tokens are all the slots (no cache: offset 0, T == S), so `allowed` is exactly the
+        causal (windowed) mask over `valid_keys` that a fused kernel can rebuild."""
+        return (self.valid_keys is not None and isinstance(self.offset, int) and self.offset == 0
+                and self.valid_keys.shape[1] == num_new)
 
 
 def causal_mask(
@@ -211,7 +221,8 @@ def causal_mask(
     allowed = kv_slot <= q_slot
     if sliding_window is not None:
         allowed &= kv_slot > q_slot - sliding_window
-    return AttentionMask(allowed=allowed[None, None] & valid_keys[:, None, None, :], offset=offset)
+    return AttentionMask(allowed=allowed[None, None] & valid_keys[:, None, None, :], offset=offset,
+                         valid_keys=valid_keys, window=sliding_window)
 
 
 # ----------------------------------------------------------------------------------------------------- blocks
@@ -250,13 +261,109 @@ class Attention(nn.Module):
         if kv is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), mask.offset, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), mask.offset, axis=1)
-        out = dot_product_attention(q, k, v, mask.allowed, self.head_dim**-0.5)
+        scale = self.head_dim**-0.5
+        if mask.covers_all_slots(t) and fused_attention_chosen(q.dtype, self.head_dim):
+            out = cudnn_attention(q, k, v, scale, causal=True, valid_keys=mask.valid_keys, window=mask.window)
+        else:
+            out = dot_product_attention(q, k, v, mask.allowed, scale)
         out = dense(d, self.out_bias, "o_proj")(out.reshape(b, t, -1))
         return Site(name="out")(out), ((k, v) if kv is not None else None)
 
 
+# ----------------------------------------------------------------------------------------------------- kernels
+#
+# Two attention kernels: `dot_product_attention` (XLA: float32 scores and softmax, materialised; any mask; the
+# reference the parity tests hold to Hugging Face) and `cudnn_attention` (cuDNN's fused flash kernel through
+# `jax.nn.dot_product_attention`, bf16/fp16 on NVIDIA GPUs, for self-attention without a KV cache). Which one runs
+# is a per-process choice, `set_attention_implementation`.
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_ATTENTION = {"implementation": os.environ.get("PRECISE_JAX_ATTENTION", "auto")}
+
+
+def set_attention_implementation(name: str) -> str:
+    """Choose the attention kernel of every port in this process; returns the previous choice.
+
+    - "auto" (the default, or `$PRECISE_JAX_ATTENTION`): `cudnn_attention` where it applies and can run (an NVIDIA
+      GPU of compute capability 8.0 or newer, bfloat16/float16, head dimension a multiple of 8 up to 128), the XLA
+      path everywhere else, so float32 and CPU/TPU runs are exactly what they were.
+    - "xla": always `dot_product_attention`.
+    - "cudnn": `cudnn_attention` wherever it applies; raises InputError where it cannot run.
+
+    It applies to decoder self-attention without a KV cache (prefill, capture, training, scoring; any padding and
+    sliding windows) and to the CLIP / SigLIP vision towers. Decoding with a KV cache always takes the XLA path
+    (the new tokens' causal diagonal sits at a traced cache offset, and one query token gains nothing from a flash
+    kernel), as do Qwen2-VL's block-diagonal vision attention and SigLIP's pooling probe. Changing the choice
+    clears JAX's caches, so functions jitted before retrace with the new kernel.
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(f"attention implementation {name!r} is unknown; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    previous = _ATTENTION["implementation"]
+    if name != previous:
+        _ATTENTION["implementation"] = name
+        jax.clear_caches()
+    return previous
+
+
+def attention_implementation() -> str:
+    """The current choice (see `set_attention_implementation`)."""
+    name = _ATTENTION["implementation"]
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise InputError(f"PRECISE_JAX_ATTENTION={name!r} is not an attention implementation; "
+                         f"set it to one of {ATTENTION_IMPLEMENTATIONS} or unset it")
+    return name
+
+
+@functools.cache
+def _flash_capable_gpu() -> bool:
+    """The default device is an NVIDIA GPU that cuDNN's flash attention supports (compute capability >= 8.0)."""
+    device = jax.devices()[0]
+    if device.platform != "gpu" or "cuda" not in str(getattr(device.client, "platform_version", "")).lower():
+        return False
+    return tuple(int(x) for x in str(getattr(device, "compute_capability", "0.0")).split(".")[:2]) >= (8, 0)
+
+
+def fused_attention_chosen(dtype: Dtype, head_dim: int) -> bool:
+    """Whether an attention that `cudnn_attention` can express runs through it (see `set_attention_implementation`);
+    decided at trace time."""
+    name = attention_implementation()
+    if name == "xla":
+        return False
+    runnable = (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+                and head_dim % 8 == 0 and head_dim <= 128 and _flash_capable_gpu())
+    if name == "cudnn" and not runnable:
+        raise InputError(
+            f"attention implementation 'cudnn' cannot run here: it needs an NVIDIA GPU of compute capability 8.0 or "
+            f"newer, bfloat16 or float16 weights and a head dimension that is a multiple of 8 up to 128 (got backend "
+            f"{jax.default_backend()!r}, dtype {jnp.dtype(dtype).name}, head dim {head_dim}); use 'auto' or 'xla'"
+        )
+    return runnable
+
+
+def cudnn_attention(
+    q: Array, k: Array, v: Array, scale: float, *, causal: bool, valid_keys: Array | None = None,
+    window: int | None = None, implementation: str = "cudnn",
+) -> Array:
+    """Self-attention of T tokens over themselves with cuDNN's fused flash kernel: q [B, T, H, E], k/v [B, T, K, E]
+    (grouped heads) -> [B, T, H, E] in q's dtype.
+
+    causal: each token sees itself and earlier tokens (with `window`: only the last `window` of them, itself
+    included). valid_keys [B, T] bool masks padded keys in any pattern (left padding too, which the kernel's
+    sequence lengths cannot express) through an additive mask of -2^41, so rows of padding stay finite; their
+    outputs differ from the XLA path's (nothing reads them). Boolean masks get no bias gradient from jax >= 0.11.
+    `implementation="xla"` runs jax's reference of the same arguments (how the tests check them without a GPU).
+    """
+    b, t = q.shape[:2]
+    mask = None if valid_keys is None else jnp.broadcast_to(valid_keys[:, None, None, :].astype(bool), (b, 1, t, t))
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=causal,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation,
+    )
+
+
 def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array, scale: float) -> Array:
-    """q [B, T, H, E], k/v [B, S, K, E], allowed [B, 1, T, S] -> [B, T, H, E]; scores and softmax in float32."""
+    """The XLA path: q [B, T, H, E], k/v [B, S, K, E], allowed [B, 1, T, S] -> [B, T, H, E]; scores and softmax in
+    float32."""
     b, t, h, e = q.shape
     groups = h // k.shape[2]
     q = q.reshape(b, t, k.shape[2], groups, e)
@@ -477,8 +584,11 @@ class EncoderAttention(nn.Module):
         head_dim = d // self.num_heads
         dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.dtype, name=name)  # noqa: E731
         q, k, v = (dense(name)(x).reshape(b, t, self.num_heads, head_dim) for name in ("q_proj", "k_proj", "v_proj"))
-        everywhere = jnp.ones((1, 1, 1, 1), bool)  # no padding inside an image: every token sees every token
-        out = dot_product_attention(q, k, v, everywhere, head_dim**-0.5)
+        # No padding inside an image: every token sees every token.
+        if fused_attention_chosen(q.dtype, head_dim):
+            out = cudnn_attention(q, k, v, head_dim**-0.5, causal=False)
+        else:
+            out = dot_product_attention(q, k, v, jnp.ones((1, 1, 1, 1), bool), head_dim**-0.5)
         return Site(name="out")(dense("out_proj")(out.reshape(b, t, d)))
 
 

@@ -38,7 +38,12 @@ Pool = str | Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Ar
 
 def model_inputs(batch: Mapping) -> dict:
     """The keys of a batch the model consumes, as jax arrays."""
-    return {k: jnp.asarray(v) for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    return {k: jnp.asarray(v) for k, v in host_inputs(batch).items()}
+
+
+def host_inputs(batch: Mapping) -> dict:
+    """The keys of a batch the model consumes, as given (checked on the host before they go to the device)."""
+    return {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS + ("row_valid", "ids")}
 
 
 _SITES: dict[nn.Module, tuple[str, ...]] = {}
@@ -86,9 +91,8 @@ def capture(lm: Pretrained, batch: Mapping, sites: Iterable[str]) -> dict[str, j
     """
     sites = tuple(sites)
     check_sites(sites, available_sites(lm))
-    inputs = model_inputs(batch)
-    lm.model.check_batch(inputs)  # inside jit a VLM cannot compare its image tokens with its images
-    return _forward(lm.model, sites, lm.params, inputs)
+    lm.model.check_batch(host_inputs(batch))  # inside jit a VLM cannot compare its image tokens with its images
+    return _forward(lm.model, sites, lm.params, model_inputs(batch))
 
 
 # ----------------------------------------------------------------------------------------------------- pooling
@@ -105,7 +109,9 @@ def pool_tokens(x: jax.Array, mask: jax.Array, how: str) -> tuple[jax.Array, jax
     if how == "tokens":
         return x.reshape(-1, x.shape[-1]), m.reshape(-1)
     if how == "mean":
-        pooled = jnp.einsum("btw,bt->bw", x, m, precision=jax.lax.Precision.HIGHEST)
+        # A float32 sum over the masked tokens (one fused pass over the activations, where a HIGHEST-precision
+        # einsum first wrote a float32 copy of them for cuBLAS); masked-out values never enter it.
+        pooled = jnp.sum(jnp.where(mask[..., None], x, 0.0), axis=1)
         pooled = pooled / jnp.maximum(m.sum(axis=1), 1.0)[:, None]
     elif how == "max":
         pooled = jnp.max(jnp.where(mask[..., None], x, -jnp.inf), axis=1)
@@ -186,21 +192,22 @@ def collect(
     digest = hashlib.sha256()
     seen = 0
     bar = tqdm(total=total, unit="ex", desc="capture", file=sys.stderr, dynamic_ncols=True, disable=not progress)
+    # Nothing in this loop waits for the device (no device-to-host copy): batch k+1 is prepared and queued while
+    # batch k runs; pooled vectors come to the host after the loop.
     for batch in batches:
         mask = position_mask(batch, positions)
         valid, batch_ids = row_info(batch)
-        inputs = model_inputs({k: v for k, v in batch.items() if k not in ("row_valid", "ids")})
+        inputs = host_inputs(batch)
         lm.model.check_batch(inputs)
         if callable(pool) and "token_types" not in batch:
             raise InputError("a pooling function reads the batch's token_types; build batches with precise_jax.data")
         types = batch["token_types"] if callable(pool) else None
-        inputs, placed_mask, placed_valid, types = _place(mesh, batch, inputs, mask, valid, types)
+        inputs, placed_mask, placed_valid, types = _place(mesh, inputs, mask, valid, types)
         state, pooled = _step(lm.model, sites, pool, covariance, vectors, lm.params, inputs,
                               placed_mask, placed_valid, types, state)
         if vectors:
             for name in sites:
-                rows = np.asarray(pooled[name]) if mesh is None else host_rows(mesh, pooled[name])
-                kept[name].append(rows[valid])
+                kept[name].append((pooled[name] if mesh is None else host_rows(mesh, pooled[name]), valid))
         if batch_ids is not None:
             ids += [i for i, ok in zip(batch_ids, valid) if ok]
         digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
@@ -224,19 +231,19 @@ def collect(
     }
     return Collected(
         stats=state,
-        vectors={name: np.concatenate(kept[name]) for name in sites} if vectors else None,
+        vectors={name: np.concatenate([np.asarray(rows)[valid] for rows, valid in kept[name]]) for name in sites}
+        if vectors else None,
         ids=ids or None,
         metadata=metadata,
     )
 
 
-def _place(mesh, batch: Mapping, inputs: dict, *rows):
-    """Model inputs and per-row arrays on device: as given without a mesh; with one, this process's rows become
-    its part of global arrays split over the mesh's data axes."""
+def _place(mesh, inputs: dict, *rows):
+    """Model inputs and per-row arrays on device: on the default device without a mesh; with one, this process's
+    rows become its part of global arrays split over the mesh's data axes."""
     if mesh is None:
-        return inputs, *(None if a is None else jnp.asarray(a) for a in rows)
-    placed = host_batch(mesh, {**{k: batch[k] for k in inputs}, **{str(i): a for i, a in enumerate(rows)
-                                                                  if a is not None}})
+        return {k: jnp.asarray(v) for k, v in inputs.items()}, *(None if a is None else jnp.asarray(a) for a in rows)
+    placed = host_batch(mesh, {**inputs, **{str(i): a for i, a in enumerate(rows) if a is not None}})
     return {k: placed[k] for k in inputs}, *(placed.get(str(i)) for i in range(len(rows)))
 
 
