@@ -182,7 +182,7 @@ def test_tiny_llama_tokenizer_uses_the_gguf_vocabulary_merges_and_template(tmp_p
 
 def test_tiny_llama_matches_transformers_gguf_loader(tmp_path):
     """Independent of our test's own permutation: transformers un-permutes the same file the same way."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
 
     write_tiny_gguf(tmp_path / "tiny.gguf", seed=2, tied=False)
@@ -294,7 +294,7 @@ def reference(smollm2_reference, smollm2_gguf):
 @pytest.fixture(scope="module")
 def converted(smollm2_dir):
     """Our converted folder loaded the ordinary way: (LlamaForCausalLM, tokenizer)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

@@ -143,10 +143,13 @@ def test_apertium_detection(tmp_path, monkeypatch):
                          translator=translate)
 
 
-# Apertium is an optional system tool (apt-get install apertium apertium-eng-spa): the real translation is checked
-# where it is installed; the wrapper's plumbing and errors are tested above without it.
-@pytest.mark.skipif(not ApertiumTranslator().available("es"), reason="apertium with eng-spa is not installed")
-def test_real_apertium_translation(examples):
+# Apertium is an optional system tool (apt-get install apertium apertium-eng-spa): where it is installed the real
+# translation is checked; where it is not, a user asking for it gets the error naming what to install.
+def test_real_apertium_translation_or_the_install_hint(examples):
+    if not ApertiumTranslator().available("es"):
+        with pytest.raises(InputError, match="apt-get install apertium"):
+            build_conditions(examples, ("es",), ("text",), translator=ApertiumTranslator())
+        return
     grid = build_conditions(examples, ("es",), ("text",), translator=ApertiumTranslator())
     prompts = [e.prompt for e in grid[Condition("es", "text")]]
     assert prompts[1].startswith("Explicar cómo") and "pan" in prompts[1] and "cerradura" in prompts[0]
