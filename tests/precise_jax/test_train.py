@@ -239,7 +239,6 @@ def test_training_loss_equals_the_full_logits_formula(lm, masked_run):
 
 def test_one_model_identity_whatever_the_path_given(lm, neurons, monkeypatch):
     """Statistics, neuron sets and runs record `Pretrained.model_id`: a relative path names the same model."""
-
     monkeypatch.chdir(lm.source.parent)
     relative = dataclasses.replace(lm, source=Path(lm.source.name))
     assert relative.model_id == lm.model_id == os.path.abspath(lm.source)
