@@ -93,7 +93,7 @@ def jax_train_step(lm, neurons: dict, mode: str, input_ids: np.ndarray, token_ty
 
     c = lm.config
     neuron_set = NeuronSet(neurons, c.intermediate_size, c.num_layers,
-                           {"model": str(lm.source) if lm.source else lm.hf_config.get("_name_or_path", "unknown")})
+                           {"model": lm.model_id})
     config = TrainConfig(mode=mode, learning_rate=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_NORM)
     info = {"total_params": sum(x.size for x in jax.tree_util.tree_leaves(lm.params))}
     plan = make_plan(lm, neuron_set, config, total_steps=total_steps)
