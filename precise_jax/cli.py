@@ -12,7 +12,7 @@ from precise_jax.report import OutputDir
 
 
 def demo(args: argparse.Namespace) -> dict:
-    """Precise Shield end to end on the built-in default (the real SmolLM2-135M-Instruct; JBB + HarmBench harmful
+    """Precise Shield end to end on the built-in default (the real SmolLM2-135M-Instruct; JBB + HarmBench standard harmful
     and AlpacaEval benign prompts): locate safety neurons, check them causally, align by neuron-restricted
     fine-tuning, evaluate on held-out prompts, and write a report folder."""
     from pathlib import Path
@@ -215,8 +215,8 @@ def align_command(args, out) -> dict:
 def add_common(p: argparse.ArgumentParser, out: bool = True, split: bool = True) -> None:
     p.add_argument("--model", help="a Hugging Face model folder (default: the cached SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--harmful", default="jbb,harmbench", help="real set names (jbb, harmbench, advbench, "
-                   "do-not-answer) or JSONL/CSV/Parquet files, comma-separated")
+    p.add_argument("--harmful", default="jbb,harmbench-standard", help="real set names (jbb, harmbench, "
+                   "harmbench-standard, advbench, do-not-answer) or JSONL/CSV/Parquet files, comma-separated")
     p.add_argument("--benign", default="alpaca-eval", help="real set names or files, comma-separated")
     if not split:
         return

@@ -142,11 +142,15 @@ def alpaca_eval() -> list[Example]:
 SETS = {
     "jbb": jbb_behaviors, "harmbench": harmbench, "advbench": advbench, "do-not-answer": do_not_answer,
     "alpaca-eval": alpaca_eval,
+    # HarmBench's standard behaviours only: its copyright rows (song lyrics, book passages) read as ordinary writing
+    # requests, and training refusals on them teaches a model to refuse benign ones
+    "harmbench-standard": lambda: harmbench(functional=("standard",)),
 }
 
 
 def load_set(name: str) -> list[Example]:
-    """One of the real prompt sets by name: jbb, harmbench, advbench, do-not-answer, alpaca-eval."""
+    """One of the real prompt sets by name: jbb, harmbench, harmbench-standard, advbench, do-not-answer,
+    alpaca-eval."""
     if name not in SETS:
         raise InputError(f"unknown prompt set {name!r}; the real sets are {sorted(SETS)}")
     return SETS[name]()

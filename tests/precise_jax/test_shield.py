@@ -26,7 +26,7 @@ def lm(tiny_chat_llama):
 
 @pytest.fixture(scope="module")
 def sets(prompt_sets):
-    return prompt_sets["jbb"] + prompt_sets["harmbench"], prompt_sets["alpaca-eval"]
+    return prompt_sets["jbb"] + prompt_sets["harmbench-standard"], prompt_sets["alpaca-eval"]
 
 
 @pytest.fixture(scope="module")

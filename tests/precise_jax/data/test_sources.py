@@ -11,6 +11,7 @@ from precise_jax.data import sources, split_examples
 EXPECTED = {  # name: (count, label, number of categories)
     "jbb": (100, "harmful", 10),
     "harmbench": (400, "harmful", 7),
+    "harmbench-standard": (200, "harmful", 6),  # no copyright rows (category "copyright")
     "advbench": (520, "harmful", 9),
     "do-not-answer": (939, "harmful", 5),
     "alpaca-eval": (805, "benign", 5),
