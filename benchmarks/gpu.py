@@ -389,6 +389,15 @@ def child_capture_jax(args, work: Path) -> dict:
         return jax.block_until_ready(state)
 
     out["step_only"] = stats(timed(step_only, args.repeats)[1])
+    last = (sites[-1],)  # the same forward (up to the last layer) capturing one site: what 31 more sites cost
+
+    def step_one_site():
+        state = {last[0]: Moments.zeros(width, False)}
+        for _ in range(args.capture_batches):
+            state, _ = _step(lm.model, last, "mean", (), False, lm.params, placed, mask, valid, None, state)
+        return jax.block_until_ready(state)
+
+    out["step_one_site"] = stats(timed(step_one_site, args.repeats)[1])
 
     if out["attention"] == "cudnn" or args.tiny:
         # The same forward with the XLA attention path: its speed, and its logits against the fused kernel's
@@ -678,6 +687,10 @@ def attention_lines(jx: dict, a: dict, n: int) -> str:
         lines.append(f"- `collect`'s compiled step alone on inputs already on the device: {step * 1e3:.0f} ms / batch "
                      f"({n / step:,.0f} tokens/s); the rest of a `collect` call (host loop, transfers, state set-up) "
                      f"{(whole - step) * 1e3:.1f} ms / batch")
+    if "step_one_site" in jx:
+        one = jx["step_one_site"]["median_s"] / a["capture_batches"]
+        lines.append(f"- the same step capturing only the last layer's `mlp.act`: {one * 1e3:.0f} ms / batch; "
+                     f"capturing and pooling the other sites costs {(step - one) * 1e3:.1f} ms / batch")
     return "\n".join(lines)
 
 

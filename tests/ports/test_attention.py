@@ -23,18 +23,19 @@ def qkv(seed, batch=3, tokens=12, heads=4, kv_heads=2, head_dim=16):
     return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_fused_arguments_match_the_causal_mask_with_left_padding(window):
-    q, k, v = qkv(0)
-    valid = np.ones((3, 12), bool)
+@pytest.mark.parametrize("window, tokens", [(None, 12), (4, 12), (None, 11)])  # 11: odd, grown by one slot
+def test_fused_arguments_match_the_causal_mask_with_left_padding(window, tokens):
+    q, k, v = qkv(0, tokens=tokens)
+    valid = np.ones((3, tokens), bool)
     valid[1, :5] = False  # left padding
-    valid[2, :11] = False  # one real token
+    valid[2, :-1] = False  # one real token
     scale = 16**-0.5
-    mask = causal_mask(jnp.asarray(valid), 0, 12, window)
-    assert mask.covers_all_slots(12) and not mask.covers_all_slots(11)
+    mask = causal_mask(jnp.asarray(valid), 0, tokens, window)
+    assert mask.covers_all_slots(tokens) and not mask.covers_all_slots(tokens - 1)
     expected = dot_product_attention(q, k, v, mask.allowed, scale)
     got = cudnn_attention(q, k, v, scale, causal=True, valid_keys=mask.valid_keys, window=window,
                           implementation="xla")
+    assert got.shape == q.shape
     np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(expected)[valid], rtol=1e-5, atol=1e-5)
     assert np.isfinite(np.asarray(got)).all()  # rows of padding too
 
