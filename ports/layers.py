@@ -354,12 +354,14 @@ def cudnn_attention(
     `implementation="xla"` runs jax's reference of the same arguments (how the tests check them without a GPU).
     """
     b, t = q.shape[:2]
-    if valid_keys is not None and t % 2:
-        # cuDNN's backward takes a mask only at even lengths: one more key slot (masked; after every query, so
-        # causal attention would not see it anyway) and one more query row (dropped).
+    if t % 2:
+        # cuDNN's kernel under differentiation takes only even lengths (a CLIP tower's 577 tokens fail): one more
+        # key slot, masked (after every query, so causal attention would not see it anyway), and one more query
+        # row, dropped.
         grow = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))  # noqa: E731
+        valid = jnp.ones((b, t), bool) if valid_keys is None else valid_keys.astype(bool)
         return cudnn_attention(grow(q), grow(k), grow(v), scale, causal=causal,
-                               valid_keys=jnp.pad(valid_keys.astype(bool), ((0, 0), (0, 1))), window=window,
+                               valid_keys=jnp.pad(valid, ((0, 0), (0, 1))), window=window,
                                implementation=implementation)[:, :t]
     mask = None if valid_keys is None else jnp.broadcast_to(valid_keys[:, None, None, :].astype(bool), (b, 1, t, t))
     return jax.nn.dot_product_attention(
