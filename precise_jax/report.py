@@ -351,9 +351,11 @@ def shield_report(report: Report, results: Mapping, located=None, *, examples: i
         random = check["random_summary"]
         report.table(f"Causal check: {kind} the safety neurons, {check['examples']} held-out harmful prompts",
                      ["edit", "refusal rate", "refusal logit score"], [
-                         ["none", check["unedited"]["refusal_rate"], check["unedited"]["refusal_logit"]],
-                         [f"{kind}: safety neurons ({check['neurons']})", check["safety_neurons"]["refusal_rate"],
-                          check["safety_neurons"]["refusal_logit"]],
+                         ["none", f"{check['unedited']['refusal_rate']:.3f}",
+                          f"{check['unedited']['refusal_logit']:.3f}"],
+                         [f"{kind}: safety neurons ({check['neurons']})",
+                          f"{check['safety_neurons']['refusal_rate']:.3f}",
+                          f"{check['safety_neurons']['refusal_logit']:.3f}"],
                          [f"{kind}: random sets of the same size per layer (mean ± sd of {len(check['random'])})",
                           f"{random['refusal_rate_mean']:.3f} ± {random['refusal_rate_std']:.3f}",
                           f"{random['refusal_logit_mean']:.3f} ± {random['refusal_logit_std']:.3f}"],
