@@ -38,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    Child, child_env, cpu_detail, cpu_model, logger, peak_rss_kib, protocol_stream, replace_section, rss_kib, stats, versions,
+    Child, child_env, cpu_detail, cpu_model, loadavg, logger, model_folder, peak_rss_kib, pin_cpus, protocol_stream,
+    replace_section, rss_kib, stats, versions,
 )
 from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 
@@ -354,18 +355,10 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    cpus = sorted(os.sched_getaffinity(0))
-    if args.threads is not None:
-        if not 1 <= args.threads <= len(cpus):
-            raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
-        cpus = cpus[: args.threads]
-        os.sched_setaffinity(0, cpus)
+    cpus = pin_cpus(args.threads)
     args.threads = len(cpus)
-    if args.model is None:
-        from precise_jax.assets import smollm2_135m_instruct
-
-        args.model = str(smollm2_135m_instruct())
-    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    args.model = model_folder(args.model)
+    load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="capture-bench-") as tmp:
         work = Path(tmp)
         data = prepare_batches(args, work)
@@ -394,7 +387,7 @@ def main(argv=None) -> int:
         "model_name": Path(args.model).name,
         "date": subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip(),
         "cpu": cpu_model(), "cpu_detail": cpu_detail(), "cores": os.cpu_count(), "cpus": ",".join(map(str, cpus)),
-        "loadavg": loadavg, "loadavg_after": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "loadavg": load_before, "loadavg_after": loadavg(),
         "versions": versions(),
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/capture.py " + shlex.join(argv_shown),
     }
@@ -405,7 +398,7 @@ def main(argv=None) -> int:
           f"{comparison['mean_worst_layer_rel_err']:.2e}); variances: max rel err {comparison['var_max_rel_err']:.2e}")
     print(f"\nflat memory, {args.memory_batches} batches ({memory['seconds']:.1f} s)")
     print(memory_table(result))
-    print(f"load average {loadavg} before, {result['loadavg_after']} after")
+    print(f"load average {load_before} before, {result['loadavg_after']} after")
     if args.write:
         write_results(result)
     return 0

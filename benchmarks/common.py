@@ -107,6 +107,27 @@ def versions(names: Iterable[str] = ("jax", "jaxlib", "flax", "torch", "transfor
     return out
 
 
+def pin_cpus(threads: int | None) -> list[int]:
+    """Pin this process to the first `threads` of the CPUs it may use (all when None) and return them: children
+    inherit the affinity, and XLA sizes its thread pool from it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads is not None:
+        if not 1 <= threads <= len(cpus):
+            raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
+        cpus = cpus[:threads]
+        os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+def model_folder(model: str | None) -> str:
+    """`--model`, or the cached real SmolLM2-135M-Instruct folder when it is not given."""
+    if model is not None:
+        return model
+    from precise_jax.assets import smollm2_135m_instruct
+
+    return str(smollm2_135m_instruct())
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 

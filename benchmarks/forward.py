@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    Child, cpu_detail, cpu_model, logger, peak_rss_kib, protocol_stream, replace_section, rss_kib,
-    stats, versions,
+    Child, cpu_detail, cpu_model, logger, model_folder, peak_rss_kib, pin_cpus, protocol_stream, replace_section,
+    rss_kib, stats, versions,
 )
 from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 # Standard-library modules with long English docstrings; row i of the batch starts at module i.
@@ -285,17 +285,9 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
-    cpus = sorted(os.sched_getaffinity(0))
-    if args.threads is not None:
-        if not 1 <= args.threads <= len(cpus):
-            raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
-        cpus = cpus[: args.threads]
-        os.sched_setaffinity(0, cpus)  # children inherit the affinity; XLA sizes its pool from it
+    cpus = pin_cpus(args.threads)
     args.threads = len(cpus)
-    if args.model is None:
-        from precise_jax.assets import smollm2_135m_instruct
-
-        args.model = str(smollm2_135m_instruct())
+    args.model = model_folder(args.model)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import begin, cpu_model, end, loadavg, logger, replace_section, utc_now  # noqa: E402
+from benchmarks.common import begin, cpu_model, end, loadavg, logger, model_folder, replace_section, utc_now  # noqa: E402
 
 KEY = "projection: generation with CARE projection on CPU"
 PROMPTS = (
@@ -77,11 +77,7 @@ def main(argv=None) -> int:
     from precise_jax.interventions import care_projection, projection_hook
 
     load_before = loadavg()
-    if args.model is None:
-        from precise_jax.assets import smollm2_135m_instruct
-
-        args.model = str(smollm2_135m_instruct())
-    lm = load_pretrained(args.model)
+    lm = load_pretrained(model_folder(args.model))
     tokenizer = lm.processor
     rows = [encode_chat(tokenizer, PROMPTS[i % len(PROMPTS)]) for i in range(args.batch)]
     batch = pad_left(rows, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)

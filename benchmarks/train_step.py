@@ -35,7 +35,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
-    Child, cpu_detail, cpu_model, loadavg, peak_rss_kib, protocol_stream, replace_section, rss_kib, stats, versions,
+    Child, cpu_detail, cpu_model, loadavg, model_folder, peak_rss_kib, pin_cpus, protocol_stream, replace_section,
+    rss_kib, stats, versions,
 )
 from benchmarks.common import begin as _begin, end as _end, logger  # noqa: E402
 
@@ -368,17 +369,9 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    cpus = sorted(os.sched_getaffinity(0))
-    if args.threads is not None:
-        if not 1 <= args.threads <= len(cpus):
-            raise SystemExit(f"--threads must be between 1 and {len(cpus)}")
-        cpus = cpus[: args.threads]
-        os.sched_setaffinity(0, cpus)  # children inherit the affinity; XLA sizes its pool from it
+    cpus = pin_cpus(args.threads)
     args.threads = len(cpus)
-    if args.model is None:
-        from precise_jax.assets import smollm2_135m_instruct
-
-        args.model = str(smollm2_135m_instruct())
+    args.model = model_folder(args.model)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
