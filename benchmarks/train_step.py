@@ -66,7 +66,8 @@ def chat_batch(tokenizer, batch: int, tokens: int) -> dict:
         if len(rows) == batch:
             break
     if len(rows) < batch:
-        raise SystemExit(f"only {len(rows)} AlpacaEval examples have >= {tokens} tokens; lower --tokens")
+        raise SystemExit(f"only {len(rows)} AlpacaEval examples have >= {tokens} tokens with the reply starting in "
+                         "the first half; raise --tokens")
     return {"input_ids": np.stack([r[0] for r in rows]).astype(np.int32),
             "token_types": np.stack([r[1] for r in rows]).astype(np.int8), "ids": names}
 
