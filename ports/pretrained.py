@@ -77,6 +77,12 @@ class Pretrained:
         return jax.tree_util.tree_leaves(self.params)[0].dtype
 
     @property
+    def decoder(self):
+        """The language model's DecoderConfig (layers, widths): the config itself for a text model, its `text` part
+        for a vision-language one."""
+        return getattr(self.config, "text", self.config)
+
+    @property
     def model_id(self) -> str:
         """The identity recorded with statistics, neuron sets and runs: the absolute model folder, else the
         config's `_name_or_path`."""

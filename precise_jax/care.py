@@ -47,7 +47,7 @@ def _log(message: str) -> None:
 
 
 def _num_layers(lm) -> int:
-    return lm.config.num_layers
+    return lm.decoder.num_layers
 
 
 # ----------------------------------------------------------------------------------------------------- diagnose
@@ -295,7 +295,7 @@ def evaluate_projection(
     hidden = getattr(lm.config, "hidden_size", None)
     if hidden is not None and widths != {hidden}:
         raise InputError(f"the subspaces have width {sorted(widths)}, the model's hidden size is "
-                         f"{lm.config.hidden_size}: they were fitted on another model")
+                         f"{lm.decoder.hidden_size}: they were fitted on another model")
     refusal_ids = refusal_token_ids(_tokenizer(lm))
     max_k = max(s.k for s in subspaces.values())
 

@@ -169,7 +169,7 @@ def locate_command(args, out) -> dict:
     located.neurons.save(out / "neurons")
     total = sum(x.size for x in __import__("jax").tree_util.tree_leaves(lm.params))
     return {"model": args.model, "neurons": len(located.neurons), "per_layer": located.neurons.per_layer(),
-            "parameter_fraction": 3 * lm.config.hidden_size * len(located.neurons) / total,
+            "parameter_fraction": 3 * lm.decoder.hidden_size * len(located.neurons) / total,
             "harmful_examples": len(harmful), "benign_examples": len(benign), "metadata": located.neurons.metadata}
 
 
@@ -181,7 +181,7 @@ def ablate_command(args, out) -> dict:
 
     lm = load_model(args)
     neurons = NeuronSet.load(args.neurons)
-    check_for_model(neurons, lm.model_id, lm.config.num_layers, lm.config.intermediate_size)
+    check_for_model(neurons, lm.model_id, lm.decoder.num_layers, lm.decoder.intermediate_size)
     _, harmful, _, _ = split_sets(args, lm)
     result = causal_check(lm, neurons, harmful, kind=args.kind, random_seeds=args.random_seeds,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -200,7 +200,7 @@ def align_command(args, out) -> dict:
     neurons = None
     if args.mode != "full":
         neurons = NeuronSet.load(args.neurons)
-        check_for_model(neurons, lm.model_id, lm.config.num_layers, lm.config.intermediate_size)
+        check_for_model(neurons, lm.model_id, lm.decoder.num_layers, lm.decoder.intermediate_size)
     harmful, _, benign, _ = split_sets(args, lm)
     config = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay,

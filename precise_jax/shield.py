@@ -41,7 +41,7 @@ def neuron_stats(lm, examples: Sequence, *, positions: str = "prompt", pool: str
     """Streaming statistics of every layer's neurons (`lm.layers.{l}.mlp.act`) over a prompt set."""
     if not examples:
         raise InputError("empty prompt set: there is nothing to collect statistics from")
-    sites = layer_sites("lm", lm.config.num_layers, ["mlp.act"])
+    sites = layer_sites("lm", lm.decoder.num_layers, ["mlp.act"])
     return collect(lm, make_batches(examples, lm, batch_size), sites, positions=positions, pool=pool,
                    total=len(examples), progress=progress)
 

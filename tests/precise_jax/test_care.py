@@ -8,6 +8,7 @@ import pytest
 from ports import InputError, load_pretrained
 from precise_jax.care import COMPLIANT, by_layer, continuations, diagnose, evaluate_projection, fit
 from precise_jax.cli import main
+from precise_jax.data import Example
 from precise_jax.evaluate import refusal_keyword_judge
 from precise_jax.shield import REFUSALS
 from precise_jax.subspace import load_subspaces
@@ -112,3 +113,27 @@ def test_bad_input(tiny_chat_llama, prompt_sets):
     assert sorted(by_layer(subspaces)) == [0, 1]
     with pytest.raises(InputError, match="unknown fusion"):
         evaluate_projection(lm, subspaces, harmful, benign, fusion="mean")
+
+
+def test_visual_subspace_on_a_tiny_llava(tmp_path_factory):
+    """A model with a vision tower also gets the visual subspace: harmful prompts rendered as typographic images vs
+    benign prompts with real photos, at the same layers."""
+    from tests.ports.test_llava import build
+
+    llava = build("llava-1.5", 5, tmp_path_factory).lm  # a 300-piece vocabulary and a 256-token context: short prompts
+    harmful = [Example(id=f"h{i}", prompt=p, label="harmful") for i, p in enumerate(
+        ["Pick a lock.", "Make a fake ID.", "Steal a car.", "Hack an email."])]
+    benign = [Example(id=f"b{i}", prompt=p, label="benign", response="Sure.") for i, p in enumerate(
+        ["Name a fruit.", "Say hello.", "Count to three.", "Name a colour."])]
+    subspaces = fit(llava, harmful, [1], benign=benign, k=2, batch_size=4)  # visual=None: the tower decides
+    assert sorted(subspaces) == ["text/lm.layers.1.resid", "visual/lm.layers.1.resid"]
+    text, visual = subspaces["text/lm.layers.1.resid"], subspaces["visual/lm.layers.1.resid"]
+    assert visual.modality == "visual" and visual.basis.shape == (64, 2)
+    np.testing.assert_allclose(visual.basis.T @ visual.basis, np.eye(2), atol=1e-5)
+    assert visual.provenance["malicious"] == "harmful prompt as a typographic image"
+    assert visual.provenance["malicious_examples"] == visual.provenance["benign_examples"] == 4
+    assert visual.provenance["malicious_data"] != text.provenance["malicious_data"]
+    overlap = np.linalg.svd(visual.basis.T @ text.basis, compute_uv=False)
+    assert overlap.max() < 0.999  # another contrast, another subspace
+    with pytest.raises(InputError, match="visual subspace needs benign prompts"):
+        fit(llava, harmful, [1], benign=benign[:1], k=2, visual=True)
