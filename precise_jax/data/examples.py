@@ -10,8 +10,6 @@ import csv
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -150,32 +148,27 @@ def save_examples(examples: Sequence[Example], folder: str | os.PathLike, *, ove
 
     The folder appears whole or not at all: it is built aside and renamed into place.
     """
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise InputError(f"{folder} already exists; pass overwrite=True or choose a new folder")
+    from precise_jax.report import OutputDir
+
     if not examples:
         raise InputError(f"no examples to save to {folder}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    output = OutputDir(folder, overwrite)
     try:
-        (tmp / "images").mkdir()
-        with open(tmp / "examples.jsonl", "w", encoding="utf-8") as out:
+        (output.path / "images").mkdir()
+        with open(output.path / "examples.jsonl", "w", encoding="utf-8") as out:
             for n, example in enumerate(examples):
                 images = []
                 for k, image in enumerate(example.images):
                     name = f"images/{n:06d}-{k}.png"
-                    load_image(image, where=f"example {example.id!r} image {k}").save(tmp / name)
+                    load_image(image, where=f"example {example.id!r} image {k}").save(output.path / name)
                     images.append(name)
                 record = {f.name: getattr(example, f.name) for f in dataclasses.fields(Example)}
                 record["images"] = images
                 record["metadata"] = dict(example.metadata)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        return output.commit()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+        output.discard()
 
 
 def _required(columns: Mapping[str, str], defaults: Mapping[str, Any]) -> list[str]:

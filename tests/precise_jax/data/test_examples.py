@@ -133,7 +133,7 @@ def test_save_round_trip_and_nothing_half_saved(tmp_path, photo):
         [(e.id, e.prompt, e.label, e.language, e.modality, e.response, e.category) for e in examples]
     assert loaded[0].metadata == {"k": [1, 2]}
     assert Image.open(loaded[1].images[0]).getpixel((0, 0)) == (0, 0, 255)
-    with pytest.raises(InputError, match="already exists"):
+    with pytest.raises(InputError, match="exists and is not empty"):
         save_examples(examples, folder)
 
     (tmp_path / "broken.png").write_bytes(b"garbage")
