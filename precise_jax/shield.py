@@ -17,8 +17,7 @@ import numpy as np
 
 from ports.errors import InputError
 from precise_jax.capture import collect
-from ports.processing import encode_chat
-from precise_jax.data import make_batches, stable_hash
+from precise_jax.data import make_batches, stable_hash, token_lengths
 from precise_jax.evaluate import refusal_keyword_judge, refusal_scores, refusal_token_ids, respond
 from precise_jax.interventions import neuron_ablation, unit_edit_hook
 from precise_jax.neurons import NeuronSet, combine, overlap_matrix, random_like, select_safety_neurons
@@ -183,14 +182,10 @@ def alignment_examples(harmful: Sequence, benign: Sequence = (), *, refusals: Ma
 
 
 def within_length(examples: Sequence, lm, max_tokens: int) -> list:
-    """The examples whose chat-templated prompt (and reply) take at most `max_tokens` tokens."""
-    tokenizer = getattr(lm.processor, "tokenizer", lm.processor)
-    keep = []
-    for example in examples:
-        ids, _ = encode_chat(tokenizer, example.prompt, example.response)
-        if len(ids) <= max_tokens:
-            keep.append(example)
-    return keep
+    """The examples that take at most `max_tokens` tokens as the model's batches encode them (chat template,
+    reply when present, image tokens)."""
+    lengths = token_lengths(examples, lm) if examples else []
+    return [example for example, n in zip(examples, lengths) if n <= max_tokens]
 
 
 # ----------------------------------------------------------------------------------------------------- pipeline

@@ -94,6 +94,26 @@ def make_batches(
     return _batches(list(examples), processor, tokenizer, batch_size, buckets, system, with_response, limit, pad_id)
 
 
+def token_lengths(examples: Sequence[Example], processor_or_tokenizer: Any, *, system: str | None = None,
+                  batch_size: int = 16) -> np.ndarray:
+    """[N] tokens of each example as `make_batches` encodes it (its reply included when it has one; image tokens
+    expanded by a vision-language processor), before padding."""
+    processor, _ = _processor_and_limit(processor_or_tokenizer, None)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    multimodal = isinstance(processor, BatchEncoder) or hasattr(processor, "image_processor")
+    lengths = np.zeros(len(examples), np.int64)
+    for with_response in (False, True):
+        rows = [i for i, e in enumerate(examples) if (e.response is not None) == with_response]
+        for start in range(0, len(rows), batch_size):
+            part = rows[start:start + batch_size]
+            chunk = [examples[i] for i in part]
+            if multimodal:
+                lengths[part] = _encode_images(chunk, processor, system, with_response)["attention_mask"].sum(axis=1)
+            else:
+                lengths[part] = [len(_encode_text(e, tokenizer, system, with_response)[0]) for e in chunk]
+    return lengths
+
+
 def positions_mask(batch: Mapping[str, Any], which: str) -> np.ndarray:
     """[B, T] bool: the tokens of each valid row that `which` selects; a valid row with none raises InputError.
 
