@@ -12,8 +12,8 @@ from precise_jax.report import OutputDir
 
 
 def demo(args: argparse.Namespace) -> dict:
-    """Precise Shield end to end on the built-in default (the real SmolLM2-135M-Instruct; JBB + HarmBench standard harmful
-    and AlpacaEval benign prompts): locate safety neurons, check them causally, align by neuron-restricted
+    """Precise Shield end to end on the built-in default (the real SmolLM2-135M-Instruct; JBB + HarmBench standard
+    harmful and AlpacaEval benign prompts): locate safety neurons, check them causally, align by neuron-restricted
     fine-tuning, evaluate on held-out prompts, and write a report folder."""
     from pathlib import Path
 
@@ -31,7 +31,6 @@ def demo(args: argparse.Namespace) -> dict:
         translations, translator = conditions_input(args)
         results = run_pipeline(lm, harmful, benign, config, translations=translations, translator=translator,
                                refusals=refusal_replies(args.refusals))
-        results["model"] = args.model
         located, models = results.pop("_neurons"), results.pop("_models")
         located.neurons.save(report.folder / "neurons")
         if args.save_model:

@@ -54,8 +54,8 @@ def test_demo_writes_a_complete_report(report, run, tiny_chat_llama, capsys):
                             "random_neurons_attack_success.png"])
     assert NeuronSet.load(report / "neurons.json").per_layer() == run["neurons"]["per_layer"]
     markdown = (report / "report.md").read_text()
-    aligned = run["evaluation"]["aligned"]["harmful_refusal"]["all"]
-    assert f"{aligned['after']['value']:.3f} [{aligned['after']['low']:.3f}, {aligned['after']['high']:.3f}]" in markdown
+    after = run["evaluation"]["aligned"]["harmful_refusal"]["all"]["after"]
+    assert f"{after['value']:.3f} [{after['low']:.3f}, {after['high']:.3f}]" in markdown
     assert str(run["training"]["aligned"]["trainable"]) in markdown
     for png in report.glob("*.png"):
         assert Image.open(png).size[0] > 300
