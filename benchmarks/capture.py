@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     Child, child_env, cpu_detail, cpu_model, loadavg, logger, model_folder, peak_rss_kib, pin_cpus, protocol_stream,
-    replace_section, rss_kib, stats, versions,
+    replace_section, rss_kib, serve_runs, stats, versions,
 )
 from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 
@@ -194,17 +194,7 @@ def child(args) -> None:
     info["first_pass_s"] = time.perf_counter() - t0  # JAX: includes compiling every bucket shape
     info["rss_after_warmup_kib"] = rss_kib()
     log(f"{args.child}: ready ({info['first_pass_s']:.1f} s first pass)")
-    print("ready", file=protocol)
-    wall, cpu = [], []
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        log(f"{args.child}: pass {wall[-1]:.2f} s ({cpu[-1]:.1f} CPU s)")
-        print(wall[-1], file=protocol)
+    wall, cpu, out = serve_runs(protocol, step, f"{args.child}: pass", log)
     info["peak_rss_kib"] = peak_rss_kib()
     r = result(out)
     np.savez(work / f"{args.child}_stats.npz", mean=r["mean"], var=r["var"])

@@ -170,6 +170,24 @@ def protocol_stream():
     return stream
 
 
+def serve_runs(protocol, step: Callable[[], object], name: str, log: Callable[[str], None],
+               note: Callable[[object], str] = lambda out: "") -> tuple[list[float], list[float], object]:
+    """In a child, once warmed up: say "ready", then run `step` once per "run" line on stdin and answer each with
+    its wall seconds, until any other line. Returns (wall seconds, CPU seconds, the last step's output)."""
+    print("ready", file=protocol)
+    wall, cpu, out = [], [], None
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        c0, t0 = time.process_time(), time.perf_counter()
+        out = step()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+        log(f"{name}: {wall[-1]:.3f} s ({cpu[-1]:.2f} CPU s){note(out)}")
+        print(wall[-1], file=protocol)
+    return wall, cpu, out
+
+
 class Child:
     """A child process speaking the ready / run / finish protocol (see the module docstring)."""
 

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
     Child, cpu_detail, cpu_model, logger, model_folder, peak_rss_kib, pin_cpus, protocol_stream, replace_section,
-    rss_kib, stats, versions,
+    rss_kib, serve_runs, stats, versions,
 )
 from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 # Standard-library modules with long English docstrings; row i of the batch starts at module i.
@@ -148,17 +148,7 @@ def child(args) -> None:
         logits = step()
     info["rss_after_warmup_kib"] = rss_kib()
     log(f"{args.child}: ready")
-    print("ready", file=protocol)
-    wall, cpu = [], []
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        c0, t0 = time.process_time(), time.perf_counter()
-        logits = step()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        log(f"{args.child}: {wall[-1]:.3f} s ({cpu[-1]:.2f} CPU s)")
-        print(wall[-1], file=protocol)
+    wall, cpu, logits = serve_runs(protocol, step, args.child, log)
     info["peak_rss_kib"] = peak_rss_kib()
     np.save(work / f"{args.child}_logits.npy", to_numpy(logits))
     info.update(stats(wall))

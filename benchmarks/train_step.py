@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
     Child, cpu_detail, cpu_model, loadavg, model_folder, peak_rss_kib, pin_cpus, protocol_stream, replace_section,
-    rss_kib, stats, versions,
+    rss_kib, serve_runs, stats, versions,
 )
 from benchmarks.common import begin as _begin, end as _end, logger  # noqa: E402
 
@@ -224,17 +224,8 @@ def child(args) -> None:
     info["first_step_s"] = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
         losses.append(step())
-    print("ready", file=protocol)
-    wall, cpu = [], []
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        c0, t0 = time.process_time(), time.perf_counter()
-        losses.append(step())
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-        log(f"{args.child}: {wall[-1]:.3f} s ({cpu[-1]:.2f} CPU s), loss {losses[-1]:.5f}")
-        print(wall[-1], file=protocol)
+    wall, cpu, _ = serve_runs(protocol, lambda: losses.append(step()) or losses[-1], args.child, log,
+                              note=lambda loss: f", loss {loss:.5f}")
     info.update(stats(wall), peak_rss_kib=peak_rss_kib(), cpu_s=cpu, median_cpu_s=float(np.median(cpu)),
                 losses=losses)
     (work / f"{args.child}.json").write_text(json.dumps(info))
