@@ -159,6 +159,9 @@ def with_output(run):
 @with_output
 def locate_command(args, out) -> dict:
     """Locate safety neurons: harmful vs benign neuron statistics, per-layer top-k, set difference."""
+    import jax
+
+    from precise_jax.neurons import parameter_fraction
     from precise_jax.shield import locate
 
     lm = load_model(args)
@@ -166,9 +169,9 @@ def locate_command(args, out) -> dict:
     located = locate(lm, {"en-text": harmful}, {"en-text": benign}, score=args.score, ratio=args.ratio,
                      budget=args.budget, positions=args.positions, pool=args.pool, batch_size=args.batch_size)
     located.neurons.save(out / "neurons")
-    total = sum(x.size for x in __import__("jax").tree_util.tree_leaves(lm.params))
+    total = sum(x.size for x in jax.tree_util.tree_leaves(lm.params))
     return {"model": args.model, "neurons": len(located.neurons), "per_layer": located.neurons.per_layer(),
-            "parameter_fraction": 3 * lm.decoder.hidden_size * len(located.neurons) / total,
+            "parameter_fraction": parameter_fraction(located.neurons, lm.decoder.hidden_size, total),
             "harmful_examples": len(harmful), "benign_examples": len(benign), "metadata": located.neurons.metadata}
 
 
