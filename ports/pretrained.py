@@ -18,6 +18,7 @@ import numpy as np
 from ports import llama, llava, llava_onevision, qwen2, qwen2_vl, qwen3
 from ports.errors import CheckpointError, UnsupportedArchitectureError
 from ports.layers import CausalLM
+from ports.sharding import param_sharding
 from ports.weights import (Checkpoint, Rule, export_tensors, flatten, load_params, load_sharded_params,
                            write_safetensors)
 
@@ -144,8 +145,6 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Pr
         params = load_params(checkpoint, family.weight_rules(config), expected,
                              convert=lambda _, array: jnp.asarray(array).astype(dtype))
     else:
-        from precise_jax.distributed import param_sharding
-
         params = load_sharded_params(checkpoint, family.weight_rules(config), expected,
                                      lambda path, shape: param_sharding(path, shape, mesh), dtype)
     return Pretrained(model, params, config, _load_processor(folder, family), config_dict, folder)

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from precise_jax.report import OutputDir
+from precise_jax.outputs import OutputDir
 
 
 def demo(args: argparse.Namespace) -> dict:

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from ports.errors import InputError
 from ports.processing import load_image
 from precise_jax.data.images import ImageLike
+from precise_jax.outputs import OutputDir
 
 LABELS = ("harmful", "benign")
 MODALITIES = ("text", "typographic", "image+text")
@@ -148,8 +149,6 @@ def save_examples(examples: Sequence[Example], folder: str | os.PathLike, *, ove
 
     The folder appears whole or not at all: it is built aside and renamed into place.
     """
-    from precise_jax.report import OutputDir
-
     if not examples:
         raise InputError(f"no examples to save to {folder}")
     output = OutputDir(folder, overwrite)

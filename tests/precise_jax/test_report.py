@@ -9,9 +9,9 @@ from PIL import Image
 from ports import InputError
 from precise_jax.evaluate import Estimate, UtilityCost
 from precise_jax.neurons import NeuronSet
+from precise_jax.outputs import OutputDir, to_json
 from precise_jax.report import (
-    OutputDir, Report, before_after_rows, plot_before_after, plot_neurons_per_layer, plot_overlap, plot_spectrum,
-    to_json, utility_rows,
+    Report, before_after_rows, plot_before_after, plot_neurons_per_layer, plot_overlap, plot_spectrum, utility_rows,
 )
 
 
