@@ -320,3 +320,89 @@ def test_utility_cost_against_float64(tiny_judge):
         utility_cost(lm, examples)
     with pytest.raises(InputError, match="no benign examples"):
         utility_cost(lm, [], params=noise)
+
+
+# ----------------------------------------------------------------------------------------------------- sequence score
+
+
+def test_continuation_logprobs_match_float64_torch(tiny_chat_llama):
+    """KV-cached prefill + prefix + tiled continuations equal the float64 PyTorch log-probability of each whole
+    sequence (prompt ⊕ prefix ⊕ continuation), summed over the continuation's tokens; ragged sets get -inf."""
+    from ports.processing import encode_chat
+    from precise_jax.evaluate import continuation_logprobs
+
+    lm = load_pretrained(tiny_chat_llama, dtype=jnp.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_llama, dtype=torch.float64).eval()
+    tok = lm.processor
+    rng = np.random.default_rng()
+    words = ["river", "lamp", "quietly", "seven", "orange", "build", "why", "stone", "letter", "north"]
+    sentence = lambda n: " ".join(rng.choice(words, n)).capitalize() + "."  # noqa: E731
+    examples = [Example(id=f"x{i}", prompt=sentence(int(rng.integers(3, 30))), label="benign") for i in range(5)]
+    continuations = [[sentence(int(rng.integers(1, 9))) for _ in range(int(rng.integers(1, 4)))] for _ in examples]
+    prefixes = [None, sentence(4), None, sentence(12), sentence(1)]
+    logp, first = continuation_logprobs(lm, examples, continuations, prefixes=prefixes, batch_size=2,
+                                        refusal_ids=np.array([5, 17, 300]))
+    assert logp.shape == (5, 3) and first.shape == (5,)
+    for n, example in enumerate(examples):
+        head, _ = encode_chat(tok, example.prompt)
+        prefix = tok(prefixes[n], add_special_tokens=False)["input_ids"] if prefixes[n] else []
+        for j in range(3):
+            if j >= len(continuations[n]):
+                assert logp[n, j] == -np.inf
+                continue
+            cont = tok((" " if prefix else "") + continuations[n][j], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([[*head, *prefix, *cont]])
+            with torch.no_grad():
+                ref = torch.log_softmax(reference(ids).logits[0], -1).numpy()
+            start = len(head) + len(prefix)
+            expected = sum(ref[start + i - 1, t] for i, t in enumerate(cont))
+            np.testing.assert_allclose(logp[n, j], expected, rtol=1e-5, atol=1e-5)
+        p = np.exp(ref[start - 1])
+        p_r = p[[5, 17, 300]].sum()
+        np.testing.assert_allclose(first[n], np.log(p_r) - np.log1p(-p_r), rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_refusal_score_is_the_log_ratio_of_continuation_masses(tiny_chat_llama):
+    from precise_jax.evaluate import continuation_logprobs, continuation_sets, sequence_refusal_scores
+
+    lm = load_pretrained(tiny_chat_llama, dtype=jnp.float32)
+    examples = [Example(id="a", prompt="Tell me about the moon.", label="benign"),
+                Example(id="b", prompt="Dimmi qualcosa sulla luna.", label="benign", language="it"),
+                Example(id="c", prompt="Niambie kuhusu mwezi.", label="benign", language="sw")]
+    scores = sequence_refusal_scores(lm, examples)
+    for n, example in enumerate(examples):
+        refusals, compliances = continuation_sets(example.language)
+        assert (example.language == "it") == (len(refusals) == 8)  # Italian + English; Swahili falls back to English
+        logp, first = continuation_logprobs(lm, [example], [refusals + compliances])
+        r = scipy.special.logsumexp(logp[0, :len(refusals)])
+        c = scipy.special.logsumexp(logp[0, len(refusals):])
+        np.testing.assert_allclose(scores.sequence[n], r - c, rtol=1e-6)
+        np.testing.assert_allclose(scores.first_token[n], first[0], rtol=1e-6)
+    with pytest.raises(InputError, match="empty"):
+        sequence_refusal_scores(lm, [])
+    with pytest.raises(InputError, match="no \\(or an empty\\) continuation"):
+        continuation_logprobs(lm, examples[:1], [[" "]])
+
+
+def _auc(scores, positive):
+    pos, neg = scores[positive], scores[~positive]
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg)))
+
+
+def test_sequence_score_separates_human_labelled_refusals_better(smollm2_dir):
+    """JBB's 100 real responses, human-labelled jailbroken or not: the real SmolLM2 reads each reply's first sentence
+    (up to 120 characters) after its goal, and scores whether the reply goes on refusing."""
+    from precise_jax.data import sources
+    from precise_jax.evaluate import sequence_refusal_scores
+    from precise_jax.shield import first_sentences
+
+    lm = load_pretrained(smollm2_dir, dtype=jnp.float32)
+    pairs = sources.jbb_judge_comparison()
+    examples = [Example(id=p.id, prompt=p.metadata["goal"], label="harmful") for p in pairs]
+    refused = np.array([not p.metadata["jailbroken"] for p in pairs])
+    scores = sequence_refusal_scores(lm, examples, prefixes=[first_sentences(p.response, 120) for p in pairs],
+                                     batch_size=16)
+    sequence, first = _auc(scores.sequence, refused), _auc(scores.first_token, refused)
+    # measured 2026-12-05: sequence 0.835, first token 0.772 (at 60 characters 0.762 / 0.661; at 200, 0.853 / 0.852)
+    assert sequence >= 0.80, f"sequence-level AUC {sequence:.3f}"
+    assert sequence >= first + 0.03, f"sequence {sequence:.3f} vs first token {first:.3f}"
