@@ -12,7 +12,7 @@ and the vision tower's full attention. Errors are over real (non-pad) query rows
 of the XLA path; gradients are those of sum(out · r) for a fixed random r, with respect to q, k and v. Kernel times
 are medians of 10 jitted calls after a warm-up.
 
-`--preset` adds the whole LLaVA-1.5-7B preset (random bf16 weights as `gpu.py`'s, 4 rows × 1024 tokens, rows 1 and 3
+`--preset` adds the whole LLaVA-1.5-7B preset (random bf16 weights as the GPU benchmarks', 4 rows × 1024 tokens, rows 1 and 3
 left-padded by 300 and 100 tokens): logits of the bf16 model with the cuDNN kernel and with the XLA path, each
 against the same weights in float32 (XLA path, matrix products at highest precision), over real positions. On a machine without cuDNN the script says so and exits 1;
 `--tiny` rehearses it anywhere with small shapes and jax's XLA reference in place of the cuDNN kernel.
@@ -103,7 +103,7 @@ def preset_logits(tiny: bool, rows: int = 4, tokens: int = 1024) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.gpu import llava_config, random_lm, vlm_batch
+    from benchmarks.common import llava_config, random_lm, vlm_batch
     from ports.layers import set_attention_implementation
     from ports.presets import build_abstract
 

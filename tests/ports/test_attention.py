@@ -1,6 +1,6 @@
 """Attention kernels: the fused path's arguments mean what the XLA path's masks mean, and the choice is guarded.
 
-cuDNN itself needs an NVIDIA GPU (`benchmarks/gpu.py`'s check compares it with the XLA path there); here jax's own
+cuDNN itself needs an NVIDIA GPU (`benchmarks/attention_check.py` compares it with the XLA path there); here jax's own
 XLA reference of `jax.nn.dot_product_attention` takes the very arguments `cudnn_attention` gives the kernel.
 """
 
