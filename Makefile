@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install
+.PHONY: demo test lint install
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,3 +18,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# ruff (pyflakes, pycodestyle, bugbear), isort (import order, the tree's wrap style), mypy (ports, precise_jax);
+# configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/isort --check-only --diff ports precise_jax tests benchmarks
+	$(BIN)/mypy

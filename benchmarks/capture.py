@@ -38,10 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    Child, child_env, cpu_detail, cpu_model, loadavg, logger, model_folder, peak_rss_kib, pin_cpus, protocol_stream,
-    replace_section, rss_kib, serve_runs, stats, versions,
+    Child, begin as _begin, child_env, cpu_detail, cpu_model, end as _end, loadavg, logger, model_folder, peak_rss_kib,
+    pin_cpus, protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
 )
-from benchmarks.common import begin as _begin, end as _end  # noqa: E402
 
 MEMORY_MARKS = (10, 100, 500, 1000)
 

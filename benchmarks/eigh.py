@@ -96,9 +96,8 @@ def run_dim(d: int, k: int, repeats: int) -> dict:
 
 
 def versions() -> str:
-    from importlib.metadata import version
-
     import platform
+    from importlib.metadata import version
 
     names = ("jax", "jaxlib", "numpy", "scipy")
     return f"python {platform.python_version()}, " + ", ".join(f"{n} {version(n)}" for n in names)

@@ -31,10 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    Child, cpu_detail, cpu_model, logger, model_folder, peak_rss_kib, pin_cpus, protocol_stream, replace_section,
-    rss_kib, serve_runs, stats, versions,
+    Child, begin as _begin, cpu_detail, cpu_model, end as _end, logger, model_folder, peak_rss_kib, pin_cpus,
+    protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
 )
-from benchmarks.common import begin as _begin, end as _end  # noqa: E402
+
 # Standard-library modules with long English docstrings; row i of the batch starts at module i.
 TEXT_MODULES = (
     "re", "argparse", "subprocess", "difflib", "doctest", "pydoc", "unittest",

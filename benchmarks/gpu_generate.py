@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    GpuBenchmark, device_name, end, gib, jax_peak, llava_config, logger, random_lm, run_gpu_benchmark,
-    section_header, stats, text_batch, text_config, timed, torch_device, torch_model, torch_peak, torch_sync,
+    GpuBenchmark, device_name, end, gib, jax_peak, llava_config, logger, random_lm, run_gpu_benchmark, section_header,
+    stats, text_batch, text_config, timed, torch_device, torch_model, torch_peak, torch_sync,
 )
 
 log = logger("gpu_generate")

@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import begin, cpu_model, end, loadavg, logger, model_folder, replace_section, utc_now  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    begin, cpu_model, end, loadavg, logger, model_folder, replace_section, utc_now,
+)
 
 KEY = "projection: generation with CARE projection on CPU"
 PROMPTS = (

@@ -35,10 +35,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
-    Child, cpu_detail, cpu_model, loadavg, model_folder, peak_rss_kib, pin_cpus, protocol_stream, replace_section,
-    rss_kib, serve_runs, stats, versions,
+    Child, begin as _begin, cpu_detail, cpu_model, end as _end, loadavg, logger, model_folder, peak_rss_kib, pin_cpus,
+    protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
 )
-from benchmarks.common import begin as _begin, end as _end, logger  # noqa: E402
 
 VARIANTS = ("jax-masked", "jax-lean", "jax-full", "torch-masked")
 LR, WEIGHT_DECAY, MAX_NORM = 1e-5, 0.01, 1.0

@@ -54,7 +54,7 @@ def config_from_hf(hf) -> OnevisionConfig:
         )
     aspect = hf.vision_aspect_ratio
     try:
-        max_tiles = int(aspect.strip("anyres_max_"))  # HF parses it exactly so
+        max_tiles = int(aspect.strip("anyres_max_"))  # noqa: B005  (HF parses it exactly so)
     except ValueError:
         raise UnsupportedArchitectureError(
             f"llava_onevision: vision_aspect_ratio {aspect!r} is not of the form 'anyres_max_<n>'") from None

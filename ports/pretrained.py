@@ -19,8 +19,7 @@ from ports import llama, llava, llava_onevision, qwen2, qwen2_vl, qwen3
 from ports.errors import CheckpointError, UnsupportedArchitectureError
 from ports.layers import CausalLM
 from ports.sharding import param_sharding
-from ports.weights import (Checkpoint, Rule, export_tensors, flatten, load_params, load_sharded_params,
-                           write_safetensors)
+from ports.weights import Checkpoint, Rule, export_tensors, flatten, load_params, load_sharded_params, write_safetensors
 
 
 def text_example(config) -> dict:

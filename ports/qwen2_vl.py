@@ -27,19 +27,8 @@ import numpy as np
 from ports import llama
 from ports.errors import InputError, UnsupportedArchitectureError
 from ports.layers import (
-    CausalLM,
-    CausalLMOutput,
-    DecoderConfig,
-    DenseMLP,
-    GatedMLP,
-    KVCache,
-    LayerNorm,
-    RMSNorm,
-    Site,
-    activation,
-    apply_rotary,
-    default_positions,
-    dot_product_attention,
+    CausalLM, CausalLMOutput, DecoderConfig, DenseMLP, GatedMLP, KVCache, LayerNorm, RMSNorm, Site, activation,
+    apply_rotary, default_positions, dot_product_attention,
 )
 from ports.weights import CONV, LINEAR, Rule, mirrored
 

@@ -68,7 +68,8 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
 
 def spec_for(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P:
     """The PartitionSpec of logical axes on `mesh`; a dimension its mesh axes do not divide stays replicated."""
-    parts, used = [], set()
+    parts: list[str | tuple[str, ...] | None] = []
+    used: set[str] = set()
     for name, size in zip(logical, shape):
         axes = LOGICAL_RULES.get(name) if name is not None else None
         axes = (axes,) if isinstance(axes, str) else tuple(axes or ())

@@ -3,8 +3,9 @@
 A mesh has three axes: `data` (batch split, parameters replicated), `fsdp` (batch split and parameters sharded
 along their model width) and `tensor` (parameters sharded along heads, MLP neurons and vocabulary). Every port
 parameter gets logical axes from `PARAM_RULES` (a regex table over the port's '/'-separated paths); `LOGICAL_RULES`
-maps logical axes to mesh axes (both in `ports.sharding`, which `load_pretrained` uses too). jit propagates the parameters' and the batch's shardings through the existing
-methods (capture, statistics, masked training, subspaces), so they run sharded unchanged.
+maps logical axes to mesh axes (both live in `ports.sharding`, which `load_pretrained` uses too). jit propagates
+the parameters' and the batch's shardings through the existing methods (capture, statistics, masked training,
+subspaces), so they run sharded unchanged.
 
     initialize()                                  # jax.distributed on a pod / cluster; nothing on one process
     mesh = make_mesh("fsdp")                      # or "data=2,fsdp=2,tensor=2", (2, 2, 2); None: $PRECISE_JAX_MESH
@@ -102,7 +103,8 @@ def mesh_shape(spec: str | Sequence[int] | Mapping[str, int], device_count: int)
     if int(np.prod(sizes)) != device_count:
         raise InputError(f"mesh {_describe(sizes)} needs {int(np.prod(sizes))} devices but there are "
                          f"{device_count}; make data x fsdp x tensor = {device_count} (or use -1 for one axis)")
-    return tuple(sizes)
+    data, fsdp, tensor = sizes
+    return data, fsdp, tensor
 
 
 def _is_int(text: str) -> bool:

@@ -45,7 +45,7 @@ class LoraAdapters:
 
     def init(self, params: Mapping, key: jax.Array) -> dict:
         """{layers_l: {target: {"a": [in, r], "b": [r, out]}}} in float32; A ~ U(+-1/sqrt(in)), B = 0."""
-        out = {}
+        out: dict = {}
         for i, layer in enumerate(_lm_layers(params)):
             out[layer] = {}
             for j, target in enumerate(self.targets):

@@ -150,7 +150,7 @@ class NeuronDeltas:
     def selected(self, params: Mapping, deltas: Mapping | None = None) -> dict:
         """The selected neurons' entries of `params` (plus `deltas` when given), in the deltas' layout."""
         self.check(params)
-        out = {}
+        out: dict = {}
         for layer, matrix, name, value, axis, idx in _neuron_leaves(params, self.neurons, self.matrices):
             entries = jnp.take(value, jnp.asarray(idx), axis=axis)
             if deltas is not None:

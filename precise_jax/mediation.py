@@ -97,7 +97,7 @@ def _lm_layer(path: tuple[str, ...], depth: int) -> int | None:
 def _skip_interceptor(component: str, variant: str, skip: Array):
     """Rewrite skipped LM layers: skip [L] float, 1 where layer l is skipped."""
     target, depth = {"block": (None, 0), "attn": ("self_attn", 1), "mlp": ("mlp", 1)}[component]
-    carried = {}  # the official MLP skip forwards the last non-skipped layer's MLP output within this call
+    carried: dict = {}  # the official MLP skip forwards the last non-skipped layer's MLP output within this call
 
     def interceptor(next_fun, args, kwargs, context):
         path = context.module.path

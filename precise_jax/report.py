@@ -22,7 +22,6 @@ import numpy as np
 from ports.errors import InputError
 from precise_jax.outputs import OutputDir, to_json  # noqa: F401  (to_json: report.to_json stays importable)
 
-
 # ----------------------------------------------------------------------------------------------------- report
 
 

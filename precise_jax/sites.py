@@ -18,7 +18,7 @@ _LAYER = re.compile(r"layers_(\d+)")
 
 def site_name(path: Iterable[str]) -> str:
     """Module path -> canonical site name."""
-    words = []
+    words: list[str] = []
     for part in path:
         m = _LAYER.fullmatch(part)
         words += ["layers", m.group(1)] if m else ["attn" if part == "self_attn" else part]

@@ -7,9 +7,7 @@
 """
 
 from precise_jax.data import sources
-from precise_jax.data.batching import (
-    Batch, BatchEncoder, bucket_length, make_batches, positions_mask, token_lengths,
-)
+from precise_jax.data.batching import Batch, BatchEncoder, bucket_length, make_batches, positions_mask, token_lengths
 from precise_jax.data.conditions import (
     ApertiumTranslator, Condition, build_conditions, load_translations, save_translations,
 )

@@ -162,7 +162,7 @@ def build_conditions(
         for modality in modalities:
             cell = []
             for example, (prompt, response) in zip(examples, texts):
-                common = dict(
+                common: dict = dict(
                     id=f"{example.id}:{language}:{modality}", label=example.label, response=response,
                     language=language, modality=modality, source=example.source, category=example.category,
                     metadata={**example.metadata, "base_id": example.id, "instruction": prompt},
@@ -173,7 +173,7 @@ def build_conditions(
                     carrier = figstep_prompts.get(language, FIGSTEP_PROMPT)
                     cell.append(Example(prompt=carrier, images=(typographic_image(prompt, style),), **common))
                 else:
-                    photo = photos[stable_hash(seed, example.id) % len(photos)]
+                    photo = photos[stable_hash(seed, example.id) % len(photos)]  # type: ignore[index, arg-type]
                     cell.append(Example(prompt=prompt, images=(photo,), **common))
             grid[Condition(language, modality)] = cell
     return grid
@@ -199,6 +199,7 @@ def _in_language(examples: Sequence[Example], language: str, translations: Trans
                          "translation file (columns id, language, prompt) or a translator such as "
                          "ApertiumTranslator()")
     if missing:
+        assert translator is not None  # refused above
         texts = translator([examples[n].prompt for n in missing], language)
         if len(texts) != len(missing):
             raise InputError(f"the translator returned {len(texts)} texts for {len(missing)} prompts")
@@ -206,4 +207,4 @@ def _in_language(examples: Sequence[Example], language: str, translations: Trans
             if not isinstance(text, str) or not text.strip():
                 raise InputError(f"the translator returned an empty {language} text for {examples[n].id!r}")
             out[n] = (text, None)  # a reply is not machine-translated: it stays absent
-    return out
+    return out  # type: ignore[return-value]  # every None is filled by now

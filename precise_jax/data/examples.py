@@ -119,7 +119,8 @@ def read_rows(file: Path, *, required: Iterable[str] = ()) -> Iterator[tuple[str
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise InputError(f"{where} is not valid JSON ({error}); each line must be one JSON object")
+                    raise InputError(f"{where} is not valid JSON ({error}); each line must be one JSON "
+                                     "object") from error
                 if not isinstance(row, dict):
                     raise InputError(f"{where} is a JSON {type(row).__name__}, not an object with named fields")
                 _check_columns(where, row.keys(), required)
@@ -230,7 +231,7 @@ def _image_paths(file: Path, where: str, value, check: bool) -> tuple[Path, ...]
         try:
             value = json.loads(value) if value.lstrip().startswith("[") else [value]
         except json.JSONDecodeError as error:
-            raise InputError(f"{where}: the images column {value!r} is not a JSON list of paths ({error})")
+            raise InputError(f"{where}: the images column {value!r} is not a JSON list of paths ({error})") from error
     if isinstance(value, (str, os.PathLike)) or not isinstance(value, Sequence):
         value = [value]
     paths = []

@@ -16,8 +16,9 @@ from ports.processing import TokenType, image_chat_batch
 from precise_jax import capture
 from precise_jax.capture import available_sites
 from tests.parity import randomize, rel_error, torch_sites
-from tests.ports.vlm import ONEVISION_TEMPLATE, assert_no_ties, hf_batch, hf_inputs, photos, tiny_tokenizer
-from tests.ports.vlm import logits as forward
+from tests.ports.vlm import (
+    ONEVISION_TEMPLATE, assert_no_ties, hf_batch, hf_inputs, logits as forward, photos, tiny_tokenizer,
+)
 
 TOL = 1e-5
 N = 24  # generated tokens

@@ -4,8 +4,7 @@ block between windowed ones) and real photos: logits and every site, batched gre
 import pytest
 import torch
 
-from tests.ports import qwen_vl_support as support
-from tests.ports import vlm
+from tests.ports import qwen_vl_support as support, vlm
 
 KIND = "qwen2_5_vl"
 

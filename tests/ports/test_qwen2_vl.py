@@ -14,8 +14,7 @@ from ports import InputError, generate, load_pretrained, save_pretrained
 from ports.processing import TokenType, image_chat_batch
 from ports.qwen2_vl import Qwen2VLProcessor
 from ports.weights import flatten
-from tests.ports import qwen_vl_support as support
-from tests.ports import vlm
+from tests.ports import qwen_vl_support as support, vlm
 
 KIND = "qwen2_vl"
 

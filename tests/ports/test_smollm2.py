@@ -1,11 +1,10 @@
 """The real SmolLM2-135M-Instruct: the port against transformers' own GGUF loader on real JBB prompts."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 
 from ports import load_pretrained
 from ports.generate import generate

@@ -62,8 +62,8 @@ def test_round_trip_through_transformers(hf_dir, tmp_path):
 
 
 def test_sharded_export_loads_in_both(hf_dir, tmp_path):
-    from ports.weights import export_tensors, write_safetensors
     from ports.pretrained import family_for
+    from ports.weights import export_tensors, write_safetensors
 
     lm = load_pretrained(hf_dir)
     folder = tmp_path / "sharded"

@@ -219,7 +219,8 @@ def in_process(checkpoint: str, out_dir: str) -> None:
              "local_devices": jax.local_device_count(), "bytes_read": read, "bytes_needed": needed,
              "whole_reads": whole_reads,
              "checkpoint_bytes": total, "shard_error": shard_error, "stats_error": moments_error(ref, got),
-             "examples": int(got[SITES[0]].count), "restore_error": restore_error, "same_layout": same_layout, "seconds": laps}
+             "examples": int(got[SITES[0]].count), "restore_error": restore_error, "same_layout": same_layout,
+             "seconds": laps}
     (Path(out_dir) / f"process{me}.json").write_text(json.dumps(facts))
     jax.distributed.shutdown()
 

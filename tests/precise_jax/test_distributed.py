@@ -251,8 +251,8 @@ def test_dry_run_prints_every_command_of_each_slice(slice_, accelerator, runtime
     collected = commands(pod("collect", *where, "--remote", "runs/locate", "--local", "out"))
     copies = [c for c in collected if " scp " in c]
     assert len(copies) == workers
-    assert copies[-1] == (f"gcloud compute tpus tpu-vm scp --recurse pj:precise-jax/runs/locate out/worker-{workers - 1}/ "
-                          f"--zone us-west4-a --worker={workers - 1}")
+    assert copies[-1] == ("gcloud compute tpus tpu-vm scp --recurse pj:precise-jax/runs/locate "
+                          f"out/worker-{workers - 1}/ --zone us-west4-a --worker={workers - 1}")
 
 
 def test_dry_run_of_a_command_on_all_workers_carries_the_model_size_mesh():

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from ports import InputError
-from precise_jax.neurons import (NeuronSet, check_for_model, combine, overlap_matrix, parameter_fraction,
-                                 random_like, select_safety_neurons)
+from precise_jax.neurons import (
+    NeuronSet, check_for_model, combine, overlap_matrix, parameter_fraction, random_like, select_safety_neurons,
+)
 from precise_jax.stats import Moments
 
 LAYERS, WIDTH, HIDDEN = 4, 200, 16

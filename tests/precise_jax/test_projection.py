@@ -145,7 +145,7 @@ def test_generation_matches_eager_step_by_step(models, batch, subspaces):
         assert _generate._cache_size() == size
 
         expected = torch_greedy(model, batch, lambda step: {l: (
-            lambda h, l=l, wheres=placement_masks(batch["token_types"], step):
+            lambda h, l=l, wheres=placement_masks(batch["token_types"], step):  # noqa: B008  (bound per step)
             torch_project(h, subspaces[l], fusion, alpha, k, wheres)) for l in LAYERS})
         np.testing.assert_array_equal(np.asarray(out.tokens), expected)
         assert not np.array_equal(expected, torch_greedy(model, batch, lambda step: {}))  # the projection matters

@@ -15,8 +15,8 @@ from ports import InputError, load_pretrained
 from ports.processing import TokenType
 from precise_jax.stats import Moments
 from precise_jax.subspace import (
-    build_subspace, care_weights, collect_care, generalized_eigh, load_subspaces, modality_masks,
-    save_subspaces, shrink, text_token_scores, visual_token_scores,
+    build_subspace, care_weights, collect_care, generalized_eigh, load_subspaces, modality_masks, save_subspaces,
+    shrink, text_token_scores, visual_token_scores,
 )
 from tests.parity import left_padded_batch, randomize, rel_error
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from ports.errors import InputError
 from precise_jax.data import (
-    ApertiumTranslator, Condition, Example, FIGSTEP_PROMPT, benign_photos, build_conditions, load_translations,
+    FIGSTEP_PROMPT, ApertiumTranslator, Condition, Example, benign_photos, build_conditions, load_translations,
     save_translations,
 )
 
@@ -67,10 +67,12 @@ def test_grid_from_translation_files(examples, translation_file):
 
 
 def test_missing_and_bad_translations(examples, translation_file):
-    with pytest.raises(InputError, match=r"2 examples have no 'fr' translation \(e\.g\. \['h1', 'b1'\]\).*translation file"):
+    with pytest.raises(InputError,
+                       match=r"2 examples have no 'fr' translation \(e\.g\. \['h1', 'b1'\]\).*translation file"):
         build_conditions(examples, ("fr",), translations=load_translations(translation_file))
     (translation_file / "zz.jsonl").write_text('{"id": "h1", "language": "zh", "prompt": "again"}\n')
-    with pytest.raises(InputError, match=r"zz\.jsonl line 1: example 'h1' already has a zh translation at .*zh\.jsonl line 1"):
+    with pytest.raises(InputError,
+                       match=r"zz\.jsonl line 1: example 'h1' already has a zh translation at .*zh\.jsonl line 1"):
         load_translations(translation_file)
     (translation_file / "zz.jsonl").write_text('{"id": "h1", "language": "fr", "prompt": " "}\n')
     with pytest.raises(InputError, match=r"zz\.jsonl line 1: empty translated prompt for example 'h1' \(fr\)"):
@@ -120,8 +122,10 @@ def test_apertium_wrapper(examples, tmp_path, monkeypatch):
         translate(["x"], "ja")
     assert ApertiumTranslator({"ja": "eng-jpn"})(["x"], "ja") == ["-u eng-jpn: x"]
 
-    monkeypatch.setenv("PATH", fake_apertium(tmp_path / "bad", 'echo "Error: Mode eng-spa does not exist" >&2; exit 1\n'))
-    with pytest.raises(InputError, match=r"apertium eng-spa failed \(exit 1\): Error: Mode eng-spa does not exist.*apt-get install apertium-eng-spa"):
+    monkeypatch.setenv("PATH", fake_apertium(tmp_path / "bad",
+                                             'echo "Error: Mode eng-spa does not exist" >&2; exit 1\n'))
+    with pytest.raises(InputError, match=r"apertium eng-spa failed \(exit 1\): Error: Mode eng-spa does not exist"
+                                         r".*apt-get install apertium-eng-spa"):
         ApertiumTranslator()(["hello"], "es")
 
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
