@@ -317,6 +317,34 @@ def refusal_scores(lm, examples: Sequence, refusal_ids: np.ndarray, *, batch_siz
     return np.concatenate(scores)
 
 
+def text_perplexity(lm, texts: Sequence[str], *, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) of plain texts (no chat template), over all their tokens: how well a model reads a
+    language or domain."""
+    from precise_jax.interventions import forward_with
+
+    tokenizer = getattr(lm.processor, "tokenizer", lm.processor)
+    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts if t and t.strip()]
+    if not rows or max(len(r) for r in rows) < 2:
+        raise InputError("text_perplexity needs texts of at least two tokens")
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(16, -(-max(len(r) for r in chunk) // 16) * 16)
+        ids = np.full((batch_size, width), pad, np.int32)
+        mask = np.zeros_like(ids)
+        for i, r in enumerate(chunk):
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+        mask[len(chunk):, -1] = 1  # dummy rows attend to one pad token
+        logits = forward_with(lm, {"input_ids": ids, "attention_mask": mask})
+        logp = np.asarray(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1))
+        picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        weights = mask[:, 1:] * mask[:, :-1]
+        weights[len(chunk):] = 0
+        total, count = total - float((picked * weights).sum()), count + int(weights.sum())
+    return float(np.exp(total / count))
+
+
 # ----------------------------------------------------------------------------------------------------- LLM judges
 #
 # A classifier judge is a causal LM that reads (behaviour or prompt, model reply) in a fixed prompt format and

@@ -143,12 +143,21 @@ def causal_check(
 
 # Refusal replies for the harmful half of the alignment set. No registry ships refusal texts, so these few were
 # written for this project (synthetic, English); other languages come from the user's translation files.
+# Varied on purpose: a model trained on one stock sentence learns a reflex that fires on benign prompts too.
 REFUSALS = {
     "en": [
         "I'm sorry, but I can't help with that request.",
         "I can't assist with that, because it could cause serious harm.",
         "I'm sorry, but I cannot provide that. It could be used to hurt people.",
         "I won't help with this request: it involves harmful or illegal activity.",
+        "I can't help with that. If you are dealing with a difficult situation, a trusted professional can help.",
+        "Sorry, I can't provide instructions for that, since it could put people at risk.",
+        "I'm not able to help with this. It could be dangerous or against the law.",
+        "I cannot help you do this. Is there something else I can help you with?",
+        "I'm sorry, I can't create that content because it could harm others.",
+        "I can't support this request. I'd be glad to help with a safe and legal alternative.",
+        "No, I can't help with that: it could seriously hurt someone.",
+        "I'm sorry, but that is something I can't assist with.",
     ],
 }
 
@@ -179,6 +188,24 @@ def alignment_examples(harmful: Sequence, benign: Sequence = (), *, refusals: Ma
             raise InputError(f"benign example {example.id!r} has no reference answer to train on")
         out.append(dataclasses.replace(example, response=first_sentences(example.response, max_chars)))
     return out
+
+
+def refusal_validation(harmful: Sequence, benign: Sequence, *, batch_size: int = 8, max_new_tokens: int = 32,
+                       progress: bool = False):
+    """A `train.Validation` measure: greedy replies of a model to validation prompts, judged by the keyword judge
+    -> {"harmful_refusal", "benign_refusal"}."""
+    if not harmful or not benign:
+        raise InputError("the validation split needs harmful and benign prompts")
+
+    def measure(model) -> dict[str, float]:
+        rates = {}
+        for key, examples in (("harmful_refusal", harmful), ("benign_refusal", benign)):
+            texts = respond(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            progress=progress, description=f"validation: {key}")
+            rates[key] = float(refusal_keyword_judge(texts, [e.language for e in examples]).mean())
+        return rates
+
+    return measure
 
 
 def within_length(examples: Sequence, lm, max_tokens: int) -> list:

@@ -102,6 +102,32 @@ class TrainConfig:
                 raise InputError(f"TrainConfig: {message}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Checkpoint choice by a stated rule. Every `every` steps and at the last one, `measure(model)` gives the
+    refusal rates {"harmful_refusal", "benign_refusal"} on a validation split (never the held-out prompts).
+    Training stops at the first check with harmful refusal >= `min_harmful_refusal` and benign refusal <=
+    `max_benign_refusal`; if none meets both, the check with the largest harmful - benign margin is kept (the
+    earliest among equals)."""
+
+    measure: Callable[[Pretrained], Mapping[str, float]]
+    every: int
+    min_harmful_refusal: float = 0.9
+    max_benign_refusal: float = 0.1
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise InputError(f"Validation.every must be at least 1 step, got {self.every}")
+
+    def meets_targets(self, rates: Mapping[str, float]) -> bool:
+        return (rates["harmful_refusal"] >= self.min_harmful_refusal
+                and rates["benign_refusal"] <= self.max_benign_refusal)
+
+    @staticmethod
+    def margin(rates: Mapping[str, float]) -> float:
+        return rates["harmful_refusal"] - rates["benign_refusal"]
+
+
 @dataclasses.dataclass
 class TrainResult:
     """A finished run: the aligned model (merged, ready for `ports.save_pretrained`) and what it took."""
@@ -113,6 +139,8 @@ class TrainResult:
     neurons: NeuronSet | None  # the set trained (the random one in random mode)
     trained: Any  # what the optimizer updated: the full tree, the neuron deltas or the LoRA adapters
     seconds: float  # wall time of this call's steps (compilation included)
+    checks: list[dict] = dataclasses.field(default_factory=list)  # validation: {"step", rates...} per check
+    chosen_step: int | None = None  # the step whose parameters `model` holds, when a Validation chose it
 
     @property
     def fraction(self) -> float:
@@ -431,10 +459,12 @@ def train(
     config: TrainConfig = TrainConfig(),
     *,
     checkpoint_dir: str | Path | None = None,
+    validation: Validation | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune `lm` on (prompt, reply) examples in `config.mode`; with `checkpoint_dir`, save every
-    `checkpoint_every` steps and at the end, and resume from its latest checkpoint when it holds one of this run.
+    `checkpoint_every` steps and at the end, and resume from its latest checkpoint when it holds one of this run;
+    with `validation`, stop early or keep the best check's parameters by its rule.
     """
     examples = as_examples(examples)
     _check_replies(examples, lm, config)
@@ -451,7 +481,7 @@ def train(
     }))
 
     trained, opt_state = plan.trained, plan.optimizer.init(plan.trained)
-    start, losses = 0, []
+    start, losses, checks, best = 0, [], [], None
     checkpoints = None if checkpoint_dir is None else _Checkpoints(checkpoint_dir, config.keep_checkpoints)
     try:
         if checkpoints is not None and (latest := checkpoints.latest()) is not None:
@@ -481,12 +511,30 @@ def train(
                                                     "examples_seen": sum(rows[:done])}})
             bar.update(rows[step])
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if validation is not None and (done % validation.every == 0 or done == total_steps):
+                candidate = dataclasses.replace(lm, params=plan.export(trained, plan.frozen))
+                rates = {k: float(v) for k, v in validation.measure(candidate).items()}
+                checks.append({"step": done, "loss": losses[-1], **rates})
+                if progress:
+                    print(f"validation at step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()),
+                          file=sys.stderr)
+                if validation.meets_targets(rates) or best is None or (
+                        validation.margin(rates) > validation.margin(best[1])):
+                    # a copy: the next step donates the buffers the candidate may share with the trained tree
+                    best = (dataclasses.replace(candidate, params=jax.tree_util.tree_map(jnp.copy, candidate.params)),
+                            rates, done)
+                if validation.meets_targets(rates):
+                    break
         bar.close()
     finally:
         if checkpoints is not None:
             checkpoints.close()
-    model = dataclasses.replace(lm, params=plan.export(trained, plan.frozen))
-    return TrainResult(model, losses, plan.count, total, plan.neurons, trained, time.perf_counter() - began)
+    if best is not None:
+        model, chosen = best[0], best[2]
+    else:
+        model, chosen = dataclasses.replace(lm, params=plan.export(trained, plan.frozen)), None
+    return TrainResult(model, losses, plan.count, total, plan.neurons, trained, time.perf_counter() - began,
+                       checks, chosen)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -508,5 +556,5 @@ def _mlp_shape(params: Mapping) -> dict:
             "bias": "bias" in gate}
 
 
-__all__ = ["MODES", "Plan", "TrainConfig", "TrainResult", "as_examples", "base_optimizer", "learning_rate_schedule",
-           "make_plan", "make_step", "reply_nll", "response_loss", "train"]
+__all__ = ["MODES", "Plan", "TrainConfig", "TrainResult", "Validation", "as_examples", "base_optimizer",
+           "learning_rate_schedule", "make_plan", "make_step", "reply_nll", "response_loss", "train"]
