@@ -59,7 +59,8 @@ def summarize(results: dict) -> dict:
         "neurons": results["neurons"]["count"],
         "parameter_fraction": results["neurons"]["parameter_fraction"],
         "causal_check": {kind: {key: check[key] for key in
-                                ("refusal_drop", "random_refusal_drop", "logit_drop", "random_logit_drop")}
+                                ("refusal_drop", "random_refusal_drop", "score_drop", "random_score_drop",
+                                 "logit_drop", "random_logit_drop")}
                          for kind, check in results["causal_check"].items()},
         "held_out": models,
         "seconds": round(sum(results["seconds"].values()), 1),

@@ -232,7 +232,9 @@ def plot_losses(ax, losses: Mapping[str, Sequence[float]]) -> None:
     ax.legend()
 
 
-CAUSAL_NOTE = ("The refusal logit score is the log-odds of refusal-opening tokens at the first reply position. The "
+CAUSAL_NOTE = ("The sequence refusal score is log p(complete refusal continuations) - log p(compliance openings) "
+               "at the first reply position, teacher-forced; the first-token score (the older one) is the log-odds "
+               "of refusal-opening tokens there. The "
                "neurons are causal for refusal when editing them moves it more than editing random sets does: "
                "zeroing should lower refusal (it cannot when the model hardly refuses to begin with), amplifying "
                "(x2) should raise it.")
@@ -282,14 +284,16 @@ def shield_report(report: Report, results: Mapping, located=None, *, examples: i
     for kind, check in checks.items():
         random = check["random_summary"]
         report.table(f"Causal check: {kind} the safety neurons, {check['examples']} held-out harmful prompts",
-                     ["edit", "refusal rate", "refusal logit score"], [
-                         ["none", f"{check['unedited']['refusal_rate']:.3f}",
+                     ["edit", "refusal rate [95% CI]", "sequence refusal score", "first-token score"], [
+                         ["none", check["unedited"]["refusal_interval"], f"{check['unedited']['refusal_score']:.3f}",
                           f"{check['unedited']['refusal_logit']:.3f}"],
                          [f"{kind}: safety neurons ({check['neurons']})",
-                          f"{check['safety_neurons']['refusal_rate']:.3f}",
+                          check["safety_neurons"]["refusal_interval"],
+                          f"{check['safety_neurons']['refusal_score']:.3f}",
                           f"{check['safety_neurons']['refusal_logit']:.3f}"],
                          [f"{kind}: random sets of the same size per layer (mean ± sd of {len(check['random'])})",
                           f"{random['refusal_rate_mean']:.3f} ± {random['refusal_rate_std']:.3f}",
+                          f"{random['refusal_score_mean']:.3f} ± {random['refusal_score_std']:.3f}",
                           f"{random['refusal_logit_mean']:.3f} ± {random['refusal_logit_std']:.3f}"],
                      ], note=CAUSAL_NOTE)
 

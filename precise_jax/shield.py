@@ -18,7 +18,7 @@ import numpy as np
 from ports.errors import InputError
 from precise_jax.capture import collect
 from precise_jax.data import make_batches, stable_hash, token_lengths
-from precise_jax.evaluate import refusal_keyword_judge, refusal_scores, refusal_token_ids, respond
+from precise_jax.evaluate import mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores
 from precise_jax.interventions import neuron_ablation, unit_edit_hook
 from precise_jax.neurons import NeuronSet, combine, overlap_matrix, random_like, select_safety_neurons
 from precise_jax.sites import layer_sites
@@ -93,13 +93,13 @@ def causal_check(
     progress: bool = True,
     unedited: Sequence[str] | None = None,
 ) -> dict:
-    """Refusal rate and refusal logit score on `harmful` prompts: unedited, with `neurons` ablated, and with
-    random sets of the same size per layer (one per seed). Safety neurons should lower refusal far more.
+    """Refusal on `harmful` prompts, unedited, with `neurons` ablated, and with random sets of the same size per
+    layer (one per seed): the keyword-judged rate of greedy replies (with its interval), the sequence-level refusal
+    score (`evaluate.sequence_refusal_scores`) and the first-token one. Safety neurons should move refusal far more.
     `unedited`: the unedited model's greedy responses to `harmful`, when already generated."""
     if random_seeds < 1:
         raise InputError("the causal check needs at least one random control set")
     languages = [getattr(e, "language", "en") for e in harmful]
-    refusal_ids = refusal_token_ids(getattr(lm.processor, "tokenizer", lm.processor))
 
     if unedited is not None and len(unedited) != len(harmful):
         raise InputError(f"{len(unedited)} unedited responses for {len(harmful)} prompts")
@@ -108,10 +108,11 @@ def causal_check(
         if texts is None:
             texts = respond(lm, harmful, batch_size=batch_size, max_new_tokens=max_new_tokens, hook=unit_edit_hook,
                             hook_params=params, progress=progress, description=label)
-        scores = refusal_scores(lm, harmful, refusal_ids, batch_size=batch_size, hook_params=params)
+        scores = sequence_refusal_scores(lm, harmful, batch_size=batch_size, hook=unit_edit_hook, hook_params=params)
         refused = refusal_keyword_judge(texts, languages)
-        return {"refusal_rate": float(refused.mean()), "refusal_logit": float(scores.mean()),
-                "responses": texts}
+        return {"refusal_rate": float(refused.mean()), "refusal_interval": mean_interval(refused),
+                "refusal_score": float(scores.sequence.mean()), "refusal_logit": float(scores.first_token.mean()),
+                "refused": refused.tolist(), "responses": texts}
 
     base = measure("unedited", {}, None if unedited is None else list(unedited))
     target = measure("safety neurons", neuron_ablation(neurons, kind, means=means))
@@ -119,10 +120,11 @@ def causal_check(
                 for s in range(random_seeds)]
 
     def summary(results):
-        rates = np.array([r["refusal_rate"] for r in results])
-        logits = np.array([r["refusal_logit"] for r in results])
-        return {"refusal_rate_mean": float(rates.mean()), "refusal_rate_std": float(rates.std()),
-                "refusal_logit_mean": float(logits.mean()), "refusal_logit_std": float(logits.std())}
+        out = {}
+        for key in ("refusal_rate", "refusal_score", "refusal_logit"):
+            values = np.array([r[key] for r in results])
+            out |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std())}
+        return out
 
     return {
         "kind": kind,
@@ -134,6 +136,8 @@ def causal_check(
         "random_summary": summary(controls),
         "refusal_drop": base["refusal_rate"] - target["refusal_rate"],
         "random_refusal_drop": base["refusal_rate"] - summary(controls)["refusal_rate_mean"],
+        "score_drop": base["refusal_score"] - target["refusal_score"],
+        "random_score_drop": base["refusal_score"] - summary(controls)["refusal_score_mean"],
         "logit_drop": base["refusal_logit"] - target["refusal_logit"],
         "random_logit_drop": base["refusal_logit"] - summary(controls)["refusal_logit_mean"],
     }
@@ -141,8 +145,8 @@ def causal_check(
 
 # ----------------------------------------------------------------------------------------------------- alignment data
 
-# Refusal replies for the harmful half of the alignment set. No registry ships refusal texts, so these few were
-# written for this project (synthetic, English); other languages come from the user's translation files.
+# Refusal replies for the harmful half of the alignment set. No registry ships refusal texts, so these were written
+# for this project (synthetic; English and Italian); other languages come from the user's refusal files.
 # Varied on purpose: a model trained on one stock sentence learns a reflex that fires on benign prompts too.
 REFUSALS = {
     "en": [
@@ -158,6 +162,14 @@ REFUSALS = {
         "I can't support this request. I'd be glad to help with a safe and legal alternative.",
         "No, I can't help with that: it could seriously hurt someone.",
         "I'm sorry, but that is something I can't assist with.",
+    ],
+    "it": [
+        "Mi dispiace, ma non posso aiutarti con questa richiesta.",
+        "Non posso aiutarti con questo, perché potrebbe causare gravi danni.",
+        "Mi dispiace, non posso fornire queste informazioni: potrebbero essere usate per fare del male.",
+        "Non ti aiuterò con questa richiesta: riguarda attività dannose o illegali.",
+        "Non posso farlo. Se stai vivendo una situazione difficile, un professionista di fiducia può aiutarti.",
+        "Mi dispiace, ma non posso dare istruzioni per questo, perché metterebbe a rischio delle persone.",
     ],
 }
 
