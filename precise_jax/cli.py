@@ -12,7 +12,53 @@ from precise_jax.outputs import OutputDir
 
 
 def demo(args: argparse.Namespace) -> dict:
-    """Precise Shield end to end on the built-in default (the real SmolLM2-135M-Instruct; JBB + HarmBench standard
+    """The main job: the methods' claims tested on a model organism. Builds (once, cached) a model that refuses in
+    English but less in other languages from the real SmolLM2-135M-Instruct, then on MultiJail's human-translated
+    prompts checks the causal machinery (a refusal direction), whether the located safety neurons are causal and
+    shared across languages, and whether neuron-restricted alignment transfers to held-out languages better than
+    random neurons, LoRA and full fine-tuning; writes a report folder with a verdict per claim."""
+    from pathlib import Path
+
+    from precise_jax.claims import ClaimsConfig, run_claims
+    from precise_jax.organism import OrganismConfig, organism_folder, read_record
+    from precise_jax.report import Report, claims_report
+
+    if args.out is None:
+        args.out = str(Path("runs") / time.strftime("claims-%Y%m%d-%H%M%S"))
+    with Report(args.out, title="Precise Shield's claims on a model organism", overwrite=args.overwrite) as report:
+        organism = None
+        if args.model is None:
+            args.model = str(organism_folder(OrganismConfig()))
+        if (Path(args.model) / "organism.json").is_file():
+            organism = read_record(args.model)
+        lm = load_model(args)
+        config = ClaimsConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
+                                 for f in dataclasses.fields(ClaimsConfig) if hasattr(args, f.name)})
+        results = run_claims(lm, config, organism=organism)
+        located = results.pop("_located")
+        located.neurons.save(report.folder / "neurons")
+        claims_report(report, results)
+        final = report.write(results)
+    print(f"\nreport: {final / 'report.md'}", file=sys.stderr)
+    return {"model": results["model"], "verdicts": {k: v["holds"] for k, v in results["verdicts"].items()},
+            "seconds": round(sum(results["seconds"].values()), 1), "report": str(final / "report.md")}
+
+
+def organism_command(args: argparse.Namespace) -> dict:
+    """Build (or find in the cache) the model organism: the base model fine-tuned to refuse harmful requests in
+    English, the checkpoint chosen on a validation split; prints its folder and record."""
+    from precise_jax.organism import OrganismConfig, organism_folder, read_record
+
+    config = OrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OrganismConfig)
+                               if getattr(args, f.name, None) is not None and not isinstance(f.default, tuple)})
+    folder = organism_folder(config, args.base)
+    record = read_record(folder)
+    return {"folder": str(folder), "chosen_step": record["chosen_step"], "chosen": record["chosen"],
+            "met_targets": record["met_targets"], "checks": record["checks"], "seconds": record["seconds"]}
+
+
+def shield_pipeline(args: argparse.Namespace) -> dict:
+    """Precise Shield end to end on one model (default the real SmolLM2-135M-Instruct; JBB + HarmBench standard
     harmful and AlpacaEval benign prompts): locate safety neurons, check them causally, align by neuron-restricted
     fine-tuning, evaluate on held-out prompts, and write a report folder."""
     from pathlib import Path
@@ -374,14 +420,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="precise-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    from precise_jax.claims import TRANSFER_MODELS, ClaimsConfig
+    from precise_jax.organism import OrganismConfig
+
     p = commands.add_parser(
-        "demo",
-        help="the main job: Precise Shield end to end on a real model, with a report",
-        description=demo.__doc__ + " Every option of the pipeline can be passed; the defaults fit a 2-core CPU "
-        "in about 10 minutes.",
-        epilog="examples:\n  precise-jax demo\n  precise-jax demo --baselines random --eval-examples 64 --out "
-               "runs/shield\n  precise-jax demo --model path/to/hf-folder --languages en de --translations de.jsonl "
-               "--refusals refusals.json",
+        "demo", help="the main job: the methods' claims tested on a model organism, with a report",
+        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  precise-jax demo\n  precise-jax demo --languages en it vi zh --train-languages en it "
+               "--random-seeds 5 --out runs/claims\n  precise-jax demo --model path/to/hf-folder --transfer neurons "
+               "\"random neurons\"")
+    p.add_argument("--model", help="a Hugging Face folder (default: the model organism, built and cached on first "
+                   "use)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", help="report folder (default: runs/claims-<date>-<time>); written complete or not at all")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    claims = ClaimsConfig()
+    p.add_argument("--languages", nargs="+", default=list(claims.languages), help="MultiJail languages studied")
+    p.add_argument("--train-languages", nargs="+", default=list(claims.train_languages),
+                   help="transfer: align on these, the other languages are held out")
+    p.add_argument("--transfer", nargs="+", default=list(claims.transfer), choices=TRANSFER_MODELS)
+    for name, help_text in (("eval_examples", "held-out prompts per language"),
+                            ("locate_examples", "fitting prompts per language for the neuron statistics"),
+                            ("random_seeds", "random neuron sets and directions per control"),
+                            ("train_examples", "harmful -> refusal pairs per training language (and benign pairs)"),
+                            ("train_steps", "alignment steps of every transfer model"),
+                            ("max_new_tokens", "greedy tokens per reply"), ("ratio", "per-layer top-k fraction"),
+                            ("seed", "splits, data order, random sets"), ("batch_size", "prompts per batch")):
+        default = getattr(claims, name)
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                       help=f"{help_text} (default {default})")
+    p.set_defaults(run=demo)
+
+    p = commands.add_parser("organism", help="build (or find cached) the English-only refusing model organism",
+                            description=organism_command.__doc__,
+                            epilog="example: precise-jax organism --steps 120 --learning-rate 5e-5")
+    p.add_argument("--base", help="the base model folder (default: the real SmolLM2-135M-Instruct)")
+    organism = OrganismConfig()
+    for f in dataclasses.fields(OrganismConfig):
+        if not isinstance(f.default, tuple):
+            kind = str if isinstance(f.default, str) else type(f.default)
+            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                           help=f"(default {getattr(organism, f.name)})")
+    p.set_defaults(run=organism_command)
+
+    p = commands.add_parser(
+        "shield",
+        help="Precise Shield end to end on a real model (locate, causal check, align, evaluate), with a report",
+        description=shield_pipeline.__doc__ + " Every option of the pipeline can be passed; the defaults fit a 2-core "
+        "CPU in about 10 minutes.",
+        epilog="examples:\n  precise-jax shield\n  precise-jax shield --baselines random --eval-examples 64 --out "
+               "runs/shield\n  precise-jax shield --model path/to/hf-folder --languages en de --translations "
+               "de.jsonl --refusals refusals.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(p, out=False, split=False)
@@ -427,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", nargs="*", default=list(defaults.baselines), choices=["random"],
                    help="also train a random neuron set of the same size per layer, the same way")
     p.add_argument("--save-model", action="store_true", help="also export the aligned model (HF safetensors)")
-    p.set_defaults(run=demo)
+    p.set_defaults(run=shield_pipeline)
 
     p = commands.add_parser("locate", help="locate safety neurons (Precise Shield stage 1)",
                             description=locate_command.__doc__,

@@ -340,3 +340,87 @@ def _utility(cost: Mapping):
 def _short(text: str, limit: int = 90) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ----------------------------------------------------------------------------------------------------- claims
+
+
+def claims_report(report: Report, results: Mapping, *, false_positives: int = 12) -> None:
+    """The claims run (`precise_jax.claims.run_claims`) into `report`: verdicts first, then the evidence."""
+    config = results["config"]
+    organism = results.get("organism")
+    lines = [f"- model: `{results['model']}`"]
+    if organism:
+        c = organism["chosen"]
+        lines.append(f"- model organism: {organism['config']['mode']} SFT of `{organism['base_model']}` on English "
+                     f"refusals and benign answers; checkpoint at step {organism['chosen_step']} by the rule: "
+                     f"{organism['rule']} (validation: harmful refusal {c['harmful_refusal']:.2f}, benign refusal "
+                     f"{c['benign_refusal']:.2f}; targets {'met' if organism['met_targets'] else 'NOT met'})")
+    lines.append(f"- languages {', '.join(config['languages'])}; MultiJail items split {1 - config['held_out']:.0%} "
+                 f"/ {config['held_out']:.0%} (every language of an item on one side); {config['eval_examples']} "
+                 f"held-out prompts per language; random controls: {config['random_seeds']} seeds")
+    report.text("Refusal is judged by the multilingual keyword judge on greedy replies "
+                f"({config['max_new_tokens']} tokens); intervals are 95 % bootstrap intervals over prompts.\n\n"
+                + "\n".join(lines))
+    report.table("Verdicts", ["claim", "holds", "rule", "evidence"],
+                 [[name, "yes" if v["holds"] else "**no**", v["rule"], v["evidence"]]
+                  for name, v in results["verdicts"].items()],
+                 note="Each rule was fixed before the run; a claim that does not hold is reported as it is.")
+    b = results["behaviour"]
+    report.table("Behaviour per language (held-out prompts)",
+                 ["language", "perplexity of its prompts", "harmful refusal", "benign refusal (over-refusal)"],
+                 [[lang, f"{results['readability'].get(lang, float('nan')):.1f}", b["harmful"][lang]["rate"],
+                   b["benign"][lang]["rate"]] for lang in config["languages"]],
+                 note="Perplexity of the same human-translated MultiJail prompts in each language: a language the "
+                      "model cannot read (perplexity far above English) is no evidence either way. All languages: "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in results["readability"].items()) + ".")
+    report.table("Over-refusal (benign prompts)", ["set", "prompts", "refusal rate"],
+                 [["AlpacaEval (held out)", len(b["alpaca"]["refused"]), b["alpaca"]["rate"]],
+                  ["borderline-benign (benign prompts that look harmful)", len(b["borderline"]["refused"]),
+                   b["borderline"]["rate"]]])
+    flagged = [(r["responses"][i], name) for name, r in (("alpaca", b["alpaca"]), ("borderline", b["borderline"]))
+               for i, refused in enumerate(r["refused"]) if refused]
+    if flagged:
+        report.table("Benign replies the keyword judge counts as refusals (check for false positives)",
+                     ["set", "reply"], [[name, _short(text, 140)] for text, name in flagged[:false_positives]])
+    d = results["direction"]
+    report.table(f"Refusal direction (layer {d['layer']}, |r| = {d['norm']:.2f}; {d['rule']})",
+                 ["edit", "prompts", "refusal before", "after", "random directions (mean ± sd)"],
+                 [["ablate r at every layer", "English harmful", d["harmful_unedited"]["rate"],
+                   d["harmful_ablated"]["rate"], _spread(d["random_ablated"])],
+                  [f"add r at layer {d['layer']}", "English benign", d["benign_unedited"]["rate"],
+                   d["benign_added"]["rate"], _spread(d["random_added"])]])
+    for kind, check in results["causal"].items():
+        random = check["random_summary"]
+        report.table(f"Causal check: {kind} the {check['neurons']} English safety neurons "
+                     f"({check['examples']} held-out English harmful prompts)",
+                     ["edit", "refusal rate [95% CI]", "sequence refusal score", "first-token score"], [
+                         ["none", check["unedited"]["refusal_interval"], f"{check['unedited']['refusal_score']:.3f}",
+                          f"{check['unedited']['refusal_logit']:.3f}"],
+                         ["safety neurons", check["safety_neurons"]["refusal_interval"],
+                          f"{check['safety_neurons']['refusal_score']:.3f}",
+                          f"{check['safety_neurons']['refusal_logit']:.3f}"],
+                         [f"random sets, same size per layer ({len(check['random'])} seeds, mean ± sd)",
+                          f"{random['refusal_rate_mean']:.3f} ± {random['refusal_rate_std']:.3f}",
+                          f"{random['refusal_score_mean']:.3f} ± {random['refusal_score_std']:.3f}",
+                          f"{random['refusal_logit_mean']:.3f} ± {random['refusal_logit_std']:.3f}"]],
+                     note=CAUSAL_NOTE)
+    o = results["overlap"]
+    report.table("Safety neurons shared across languages (Jaccard)", ["pair", "observed", "random sets (mean ± sd)"],
+                 [[k, f"{p['observed']:.3f}", f"{p['random_mean']:.3f} ± {p['random_std']:.3f}"]
+                  for k, p in o["pairs"].items()],
+                 note="Neurons per language: " + ", ".join(f"{k} {v}" for k, v in results["neurons"].items()) + ".")
+    t = results["transfer"]
+    languages = config["languages"]
+    rows = [["original", "–", *[t["original"]["harmful"][lang] for lang in languages], t["original"]["benign"], "–"]]
+    rows += [[name, f"{100 * m['fraction']:.3f} %", *[m["harmful"][lang] for lang in languages], m["benign"],
+              m["kl"]] for name, m in t["models"].items()]
+    report.table(f"Transfer: aligned on {', '.join(t['train_languages'])} ({t['pairs']} pairs, {t['steps']} steps); "
+                 f"held-out languages {', '.join(t['held_out_languages'])}",
+                 ["model", "trainable", *[f"harmful refusal {lang}" for lang in languages], "benign refusal",
+                  "next-token KL (nats)"], rows)
+    report.table("Time per stage", ["stage", "seconds"], [[k, v] for k, v in results["seconds"].items()])
+
+
+def _spread(summary: Mapping) -> str:
+    return f"{summary['mean']:.3f} ± {summary['std']:.3f}"

@@ -3,12 +3,11 @@
 "Sorry"; without it the head says "Sure". Difference of means must find e0, ablating it must kill refusal, adding
 it must induce refusal, and a random direction must do neither."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax.numpy as jnp
 
 from ports import InputError, load_pretrained
 from precise_jax.data import Example

@@ -31,9 +31,9 @@ def sets(prompt_sets):
 
 @pytest.fixture(scope="module")
 def report(tiny_chat_llama, tmp_path_factory):
-    """`precise-jax demo` with SMALL's settings on the tiny model: the report folder."""
+    """`precise-jax shield` with SMALL's settings on the tiny model: the report folder."""
     out = tmp_path_factory.mktemp("demo") / "report"
-    args = ["demo", "--model", str(tiny_chat_llama), "--out", str(out), "--baselines", "random"]
+    args = ["shield", "--model", str(tiny_chat_llama), "--out", str(out), "--baselines", "random"]
     for field in dataclasses.fields(PipelineConfig):
         value = getattr(SMALL, field.name)
         if value != field.default and field.name != "baselines":
@@ -61,10 +61,10 @@ def test_demo_writes_a_complete_report(report, run, tiny_chat_llama, capsys):
         assert Image.open(png).size[0] > 300
     assert sorted(p.name for p in report.parent.iterdir()) == ["report"]  # no work folder left behind
 
-    again = ["demo", "--model", str(tiny_chat_llama), "--out", str(report)]
+    again = ["shield", "--model", str(tiny_chat_llama), "--out", str(report)]
     assert main(again) == 2 and "exists" in capsys.readouterr().err  # an existing report is never overwritten
     failing = report.parent / "failing"
-    assert main(["demo", "--model", str(tiny_chat_llama), "--out", str(failing), "--languages", "en", "de"]) == 2
+    assert main(["shield", "--model", str(tiny_chat_llama), "--out", str(failing), "--languages", "en", "de"]) == 2
     assert "translation" in capsys.readouterr().err
     assert sorted(p.name for p in report.parent.iterdir()) == ["report"]  # a failed run leaves nothing
 
