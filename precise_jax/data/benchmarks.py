@@ -1,0 +1,128 @@
+"""Standard safety benchmarks read from their own published layouts: the vendored copies, or a user's local copy.
+
+Every loader takes `root`: None for the copy vendored under precise_jax/data/vendored/ (where there is one), or a
+user's folder (the benchmark's repository or its data folder) or file. Ids, categories, languages and image paths
+are the benchmark's own; a file that does not match the published layout is an `InputError` naming the file and
+the layout expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from ports.errors import InputError
+from precise_jax.data.examples import Example
+
+VENDORED = Path(__file__).parent / "vendored"
+
+MULTIJAIL_LANGUAGES = ("en", "zh", "it", "vi", "ar", "ko", "th", "bn", "sw", "jv")
+MULTIJAIL_LAYOUT = "MultiJail.csv with columns id, source, tags, " + ", ".join(MULTIJAIL_LANGUAGES)
+
+
+def multijail(root: str | os.PathLike | None = None, languages: Iterable[str] | None = None) -> list[Example]:
+    """MultiJail: 315 harmful prompts, each human-translated into 9 languages; one example per (prompt, language).
+
+    id "multijail-007-it"; metadata["item"] ("multijail-007") pairs the languages of one prompt; category = the
+    first tag; metadata: tags, source (anthropics / openai). Order: by prompt, then language.
+    """
+    path = _find(root, "multijail/MultiJail.csv", "MultiJail.csv", MULTIJAIL_LAYOUT)
+    languages = _languages(languages, MULTIJAIL_LANGUAGES, path)
+    examples = []
+    for where, row in _csv_rows(path, ("id", "source", "tags", *languages), MULTIJAIL_LAYOUT):
+        number = _integer(row["id"], where, "id")
+        tags = _tag_list(row["tags"], where)
+        item = f"multijail-{number:03d}"
+        for language in languages:
+            examples.append(_example(
+                where, id=f"{item}-{language}", prompt=row[language], label="harmful", language=language,
+                source="multijail", category=tags[0],
+                metadata={"item": item, "tags": tags, "source": row["source"].strip()},
+            ))
+    return _unique(examples, path)
+
+
+def _find(root, vendored: str, name: str, layout: str) -> Path:
+    """The benchmark file: the vendored copy (root None), `root` itself, or the one file `name` under a folder."""
+    if root is None:
+        return VENDORED / vendored
+    root = Path(root).expanduser()
+    if root.is_file():
+        return root
+    if not root.is_dir():
+        raise InputError(f"{root} does not exist; give the benchmark's folder or its {name} ({layout})")
+    if (root / name).is_file():
+        return root / name
+    found = sorted(p for p in root.rglob(name) if p.is_file())
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)} files named"
+        raise InputError(f"{root} has {what} {name}; expected the published layout: {layout}. "
+                         "Give the file's path to choose one")
+    return found[0]
+
+
+def _languages(wanted: Iterable[str] | None, known: Sequence[str], path: Path) -> tuple[str, ...]:
+    if wanted is None:
+        return tuple(known)
+    wanted = tuple(wanted)
+    unknown = [language for language in wanted if language not in known]
+    if unknown or not wanted:
+        raise InputError(f"{path} has no language {unknown or wanted}; its languages are {list(known)}")
+    return wanted
+
+
+def _csv_rows(path: Path, required: Sequence[str], layout: str) -> list[tuple[str, dict]]:
+    """(location, row) for every row of a CSV file (with or without a BOM), after checking the header."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            have = reader.fieldnames or []
+            missing = [name for name in required if name not in have]
+            if missing:
+                raise InputError(f"{path} has no column {', '.join(map(repr, missing))} (its columns: {have}); "
+                                 f"expected the published layout: {layout}")
+            return [(f"{path} row {number}", row) for number, row in enumerate(reader, 1)]
+    except FileNotFoundError:
+        raise InputError(f"{path} does not exist; expected the published layout: {layout}") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text ({error}); expected the published layout: {layout}") from None
+
+
+def _integer(value, where: str, column: str) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise InputError(f"{where}: column {column!r} is {value!r}, not a whole number") from None
+
+
+def _tag_list(value: str, where: str) -> tuple[str, ...]:
+    """MultiJail's tags column: a Python list literal of category names, e.g. "['Theft', 'Violence']"."""
+    try:
+        tags = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        tags = None
+    if not isinstance(tags, list) or not tags or not all(isinstance(t, str) and t.strip() for t in tags):
+        raise InputError(f"{where}: tags {value!r} is not a list of category names such as \"['Theft']\"")
+    return tuple(t.strip() for t in tags)
+
+
+def _example(where: str, **fields) -> Example:
+    """An Example whose validation error names the row it came from."""
+    try:
+        return Example(**fields)
+    except InputError as error:
+        raise InputError(f"{where}: {error}") from None
+
+
+def _unique(examples: list[Example], path: Path) -> list[Example]:
+    seen = set()
+    for example in examples:
+        if example.id in seen:
+            raise InputError(f"{path}: example id {example.id!r} appears twice; the benchmark's ids must be unique")
+        seen.add(example.id)
+    if not examples:
+        raise InputError(f"{path} holds no examples")
+    return examples

@@ -1,0 +1,136 @@
+"""Benchmark loaders: the vendored copies and fixtures in each benchmark's published layout load with the right
+counts, ids, categories, languages and image paths; a broken layout is one InputError naming the file."""
+
+import csv
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ports.errors import InputError
+from precise_jax.data import benchmarks, sources
+
+VENDORED = Path(benchmarks.__file__).parent / "vendored"
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]], *, bom: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8-sig" if bom else "utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+# MultiJail
+
+def test_multijail_vendored_counts_ids_languages():
+    examples = benchmarks.multijail()
+    assert len(examples) == 315 * 10
+    assert len({e.id for e in examples}) == len(examples)
+    assert Counter(e.language for e in examples) == {lang: 315 for lang in benchmarks.MULTIJAIL_LANGUAGES}
+    assert {e.label for e in examples} == {"harmful"} and {e.source for e in examples} == {"multijail"}
+    assert {e.modality for e in examples} == {"text"}
+    first = examples[0]
+    assert first.id == "multijail-000-en" and first.language == "en"
+    assert first.prompt.startswith("How much money should I sell my 18 year old daughter")
+    assert first.category == "Sexual exploitation & human trafficking"
+    assert first.metadata == {"item": "multijail-000", "tags": ("Sexual exploitation & human trafficking",),
+                              "source": "anthropics"}
+    assert examples[1].id == "multijail-000-zh" and examples[1].prompt.startswith("我应该花多少钱")
+    assert Counter(e.metadata["source"] for e in examples if e.language == "en") == {"anthropics": 300,
+                                                                                     "openai": 15}
+    # the BOM does not leak into the first column's name or value
+    assert all(not e.id.startswith("\ufeff") for e in examples)
+
+
+def test_multijail_pairs_languages_of_one_prompt():
+    examples = benchmarks.multijail(languages=["en", "it", "bn"])
+    assert len(examples) == 315 * 3
+    by_item = {}
+    for example in examples:
+        by_item.setdefault(example.metadata["item"], {})[example.language] = example
+    assert len(by_item) == 315 and all(set(v) == {"en", "it", "bn"} for v in by_item.values())
+    item = by_item["multijail-007"]
+    assert item["it"].id == "multijail-007-it"
+    assert item["en"].category == item["it"].category == item["bn"].category == "Hate speech & offensive language"
+    assert item["en"].prompt != item["it"].prompt
+    # categories are the first tag: rows with several tags keep them all in metadata
+    multi = [e for e in examples if len(e.metadata["tags"]) > 1]
+    assert multi and all(e.category == e.metadata["tags"][0] for e in multi)
+
+
+def test_multijail_from_user_copy_folder_file_and_spec(tmp_path):
+    copy = tmp_path / "multilingual-safety-for-LLMs" / "data"
+    copy.mkdir(parents=True)
+    shutil.copy(VENDORED / "multijail" / "MultiJail.csv", copy / "MultiJail.csv")
+    from_repo = benchmarks.multijail(tmp_path / "multilingual-safety-for-LLMs", languages=["sw"])
+    assert [e.id for e in from_repo[:2]] == ["multijail-000-sw", "multijail-001-sw"] and len(from_repo) == 315
+    assert benchmarks.multijail(copy / "MultiJail.csv", languages=["sw"]) == from_repo
+    assert sources.load_set(f"multijail:{copy}") == sources.load_set("multijail", root=copy)
+    assert len(sources.load_set("multijail")) == 3150
+    from precise_jax.cli import prompt_set  # the --harmful flag's spec
+
+    assert prompt_set(f"multijail:{copy / 'MultiJail.csv'}", "harmful") == benchmarks.multijail(copy)
+
+
+def test_multijail_small_copy_without_bom(tmp_path):
+    header = ["id", "source", "tags", *benchmarks.MULTIJAIL_LANGUAGES]
+    path = write_csv(tmp_path / "MultiJail.csv", header, [
+        ["3", "openai", "['Theft', 'Violence & incitement']", *[f"prompt 3 {lang}" for lang in header[3:]]],
+        ["12", "anthropics", "['Animal abuse']", *[f"prompt 12 {lang}" for lang in header[3:]]],
+    ])
+    examples = benchmarks.multijail(path, languages=("jv", "en"))
+    assert [e.id for e in examples] == ["multijail-003-jv", "multijail-003-en", "multijail-012-jv",
+                                        "multijail-012-en"]
+    assert [e.category for e in examples] == ["Theft", "Theft", "Animal abuse", "Animal abuse"]
+    assert examples[0].prompt == "prompt 3 jv" and examples[0].metadata["tags"] == ("Theft", "Violence & incitement")
+
+
+def test_multijail_broken_layouts(tmp_path):
+    header = ["id", "source", "tags", *benchmarks.MULTIJAIL_LANGUAGES]
+    good = ["1", "anthropics", "['Theft']", *["text"] * 10]
+
+    no_column = write_csv(tmp_path / "a" / "MultiJail.csv", [h for h in header if h != "th"],
+                          [good[:-1]])
+    with pytest.raises(InputError, match=r"a/MultiJail\.csv has no column 'th'.*id, source, tags, en"):
+        benchmarks.multijail(no_column)
+    # a language the caller does not ask for may be missing
+    assert len(benchmarks.multijail(no_column, languages=["en"])) == 1
+
+    path = write_csv(tmp_path / "b" / "MultiJail.csv", header, [good])
+    with pytest.raises(InputError, match=r"b/MultiJail\.csv has no language \['fr'\].*'jv'"):
+        benchmarks.multijail(path, languages=["en", "fr"])
+
+    bad_tags = write_csv(tmp_path / "c" / "MultiJail.csv", header, [good, ["2", "openai", "Theft", *good[3:]]])
+    with pytest.raises(InputError, match=r"c/MultiJail\.csv row 2: tags 'Theft' is not a list"):
+        benchmarks.multijail(bad_tags)
+
+    empty_prompt = write_csv(tmp_path / "d" / "MultiJail.csv", header, [[*good[:5], "", *good[6:]]])
+    with pytest.raises(InputError, match=r"d/MultiJail\.csv row 1: .*multijail-001-it.*empty prompt"):
+        benchmarks.multijail(empty_prompt)
+
+    twice = write_csv(tmp_path / "e" / "MultiJail.csv", header, [good, good])
+    with pytest.raises(InputError, match=r"e/MultiJail\.csv: example id 'multijail-001-en' appears twice"):
+        benchmarks.multijail(twice)
+
+    bad_id = write_csv(tmp_path / "f" / "MultiJail.csv", header, [["x1", *good[1:]]])
+    with pytest.raises(InputError, match=r"f/MultiJail\.csv row 1: column 'id' is 'x1'"):
+        benchmarks.multijail(bad_id)
+
+    (tmp_path / "g").mkdir()
+    with pytest.raises(InputError, match=r"g has no MultiJail\.csv; expected the published layout"):
+        benchmarks.multijail(tmp_path / "g")
+    with pytest.raises(InputError, match=r"missing does not exist"):
+        benchmarks.multijail(tmp_path / "missing")
+
+
+def test_load_set_spec_errors(tmp_path):
+    with pytest.raises(InputError, match="give a path after the colon"):
+        sources.load_set("multijail:")
+    with pytest.raises(InputError, match=r"'jbb' is read from its pinned archive.*\['multijail'"):
+        sources.load_set("jbb", root=tmp_path)
+    with pytest.raises(InputError, match="unknown prompt set 'nope'"):
+        sources.load_set(f"nope:{tmp_path}")
