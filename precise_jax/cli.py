@@ -171,17 +171,20 @@ def prompt_set(spec: str, label: str) -> list:
     return examples
 
 
-def split_sets(args: argparse.Namespace, lm):
-    """(harmful train, harmful held-out, benign train, benign held-out), length-filtered, limited to --limit."""
+def split_sets(args: argparse.Namespace, lm, validation: int = 0):
+    """(harmful train, harmful held-out, benign train, benign held-out), length-filtered, limited to --limit; with
+    `validation`, also (harmful validation, benign validation): that many fitting prompts never trained on."""
     from precise_jax.data import split_examples
     from precise_jax.shield import within_length
 
-    parts = []
+    parts, checks = [], []
     for spec, label in ((args.harmful, "harmful"), (args.benign, "benign")):
         train, held_out = split_examples(prompt_set(spec, label), args.held_out, seed=args.seed)
-        parts += [within_length(train, lm, args.max_tokens)[: args.limit],
-                  within_length(held_out, lm, args.max_tokens)[: args.limit]]
-    return parts
+        train = within_length(train, lm, args.max_tokens)
+        checks.append(train[len(train) - validation:] if validation else [])
+        train = train[: len(train) - validation]
+        parts += [train[: args.limit], within_length(held_out, lm, args.max_tokens)[: args.limit]]
+    return parts + checks if validation else parts
 
 
 def with_output(run):
@@ -242,23 +245,43 @@ def align_command(args, out) -> dict:
     """Neuron-masked alignment: SFT on harmful -> refusal and benign -> answer, only the neurons' weights move."""
     from ports import save_pretrained
     from precise_jax.neurons import NeuronSet, check_for_model
-    from precise_jax.shield import alignment_examples
-    from precise_jax.train import TrainConfig, train
+    from precise_jax.shield import alignment_examples, refusal_validation
+    from precise_jax.train import TrainConfig, Validation, train
 
     lm = load_model(args)
     neurons = None
     if args.mode != "full":
         neurons = NeuronSet.load(args.neurons)
         check_for_model(neurons, lm.model_id, lm.decoder.num_layers, lm.decoder.intermediate_size)
-    harmful, _, benign, _ = split_sets(args, lm)
+    validation = None
+    if args.validate_every:
+        harmful, _, benign, _, harmful_check, benign_check = split_sets(args, lm, args.validation)
+        validation = Validation(refusal_validation(harmful_check, benign_check, batch_size=args.batch_size),
+                                every=args.validate_every, min_harmful_refusal=args.min_refusal,
+                                max_benign_refusal=args.max_over_refusal)
+    else:
+        harmful, _, benign, _ = split_sets(args, lm)
     config = TrainConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                          max_length=args.max_tokens, seed=args.seed)
-    result = train(lm, alignment_examples(harmful, benign), neurons, config, checkpoint_dir=args.checkpoint_dir)
+    result = train(lm, alignment_examples(harmful, benign), neurons, config, checkpoint_dir=args.checkpoint_dir,
+                   validation=validation)
     save_pretrained(result.model, out / "model")
     return {"model": args.model, "mode": args.mode, "trainable": result.trainable, "total": result.total,
             "trainable_fraction": result.fraction, "losses": result.losses, "seconds": result.seconds,
-            "aligned_model": str(args.out) + "/model"}
+            "validation": result.checks, "chosen_step": result.chosen_step, "aligned_model": str(args.out) + "/model"}
+
+
+def add_validation(p: argparse.ArgumentParser, default_every: int) -> None:
+    """The checkpoint rule's options (`train.Validation`)."""
+    p.add_argument("--validate-every", type=int, default=default_every,
+                   help="steps between validation checks (greedy replies to validation prompts taken from the fitting "
+                        "split, never trained on); training stops at the first check meeting --min-refusal and "
+                        "--max-over-refusal, else keeps the check with the best margin (0: no validation; default "
+                        f"{default_every})")
+    p.add_argument("--validation", type=int, default=16, help="harmful and benign validation prompts (default 16)")
+    p.add_argument("--min-refusal", type=float, default=0.9, help="validation target: harmful refusal (0.9)")
+    p.add_argument("--max-over-refusal", type=float, default=0.1, help="validation target: benign refusal (0.1)")
 
 
 def add_common(p: argparse.ArgumentParser, out: bool = True, split: bool = True) -> None:
@@ -501,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("weight_decay", "decoupled weight decay on the trained matrices"),
         ("max_new_tokens", "tokens generated per response (greedy)"),
         ("batch_size", "prompts per batch"),
+        ("validate_every", "alignment steps between checks of the checkpoint rule (0: none)"),
+        ("validation_examples", "harmful and benign fitting prompts of the checkpoint rule, never trained on"),
+        ("min_refusal", "the rule: stop at the first check with harmful refusal >= this"),
+        ("max_over_refusal", "... and benign refusal <= this; else keep the check with the best margin"),
     ):
         default = getattr(defaults, name)
         p.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
@@ -551,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--checkpoint-dir", help="Orbax checkpoints here; a rerun resumes from the latest one")
+    add_validation(p, default_every=0)
     p.set_defaults(run=align_command)
     add_care_parser(commands)
     return parser

@@ -299,10 +299,12 @@ def shield_report(report: Report, results: Mapping, located=None, *, examples: i
 
     training = results["training"]
     report.table("Alignment training", ["run", "mode", "neurons", "trainable parameters", "fraction", "steps",
-                                        "loss first -> last", "seconds"],
+                                        "chosen step (validation)", "loss first -> last", "seconds"],
                  [[name, t["mode"], t["neurons"], t["trainable"], f"{100 * t['trainable_fraction']:.4f} %",
-                   t["steps"], f"{t['loss_first']:.3f} -> {t['loss_last']:.3f}", t["seconds"]]
-                  for name, t in training.items()])
+                   t["steps"], _chosen(t), f"{t['loss_first']:.3f} -> {t['loss_last']:.3f}", t["seconds"]]
+                  for name, t in training.items()],
+                 note="With validation, training stops at the first check whose validation replies meet both targets "
+                      "(harmful refusal and benign refusal), else keeps the check with the largest margin.")
     report.figure("training_loss", plot_losses, {name: t["losses"] for name, t in training.items()},
                   caption="Alignment loss per step")
 
@@ -424,3 +426,12 @@ def claims_report(report: Report, results: Mapping, *, false_positives: int = 12
 
 def _spread(summary: Mapping) -> str:
     return f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def _chosen(training: Mapping) -> str:
+    """The validation-chosen step with its rates, or "last" without validation."""
+    checks = {c["step"]: c for c in training.get("validation") or []}
+    if training.get("chosen_step") not in checks:
+        return "last (no validation)"
+    c = checks[training["chosen_step"]]
+    return f"{c['step']} (harmful {c['harmful_refusal']:.2f}, benign {c['benign_refusal']:.2f})"

@@ -253,6 +253,10 @@ class PipelineConfig:
     random_seeds: int = 2  # random neuron sets in the causal check
     mode: str = "lean"
     epochs: int = 2
+    validate_every: int = 8  # steps between checks of the checkpoint rule (train.Validation); 0: no validation
+    validation_examples: int = 16  # harmful and benign fitting prompts for it, never located on or trained on
+    min_refusal: float = 0.8  # the rule: stop at the first check with harmful refusal >= this
+    max_over_refusal: float = 0.1  # and benign refusal <= this; else keep the check with the best margin
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
     baselines: tuple[str, ...] = ()  # "random": the same training on a random neuron set of the same size
@@ -291,7 +295,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
     from precise_jax.data import build_conditions, seeded_order, split_examples
     from precise_jax.evaluate import before_after_by_condition, rates_by_condition, utility_cost
     from precise_jax.report import to_json
-    from precise_jax.train import TrainConfig, train
+    from precise_jax.train import TrainConfig, Validation, train
 
     stage = _Stages(progress)
     if config.mode not in NEURON_MODES_FOR_PIPELINE:
@@ -301,7 +305,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
         raise InputError(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
 
     with stage("data"):
-        parts = {}
+        parts, validation = {}, {}
         for label, examples in (("harmful", harmful), ("benign", benign)):
             if not examples:
                 raise InputError(f"the {label} prompt set is empty")
@@ -309,10 +313,13 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
             fit = within_length(seeded_order(fit, config.seed), lm, config.max_tokens)
             held_out = within_length(seeded_order(held_out, config.seed), lm, config.max_tokens)
             need = max(config.locate_examples, config.train_examples)
-            if len(fit) < 2 or len(held_out) < 2:
+            checks = config.validation_examples if config.validate_every else 0
+            if len(fit) < 2 + checks or len(held_out) < 2:
                 raise InputError(f"the {label} set leaves {len(fit)} fitting and {len(held_out)} held-out prompts "
-                                 f"within {config.max_tokens} tokens; give more prompts or raise --max-tokens")
-            parts[label] = (fit[:need], held_out[: config.eval_examples])
+                                 f"within {config.max_tokens} tokens ({checks} fitting ones are for validation); "
+                                 "give more prompts or raise --max-tokens")
+            validation[label] = fit[len(fit) - checks:] if checks else []
+            parts[label] = (fit[: len(fit) - checks][:need], held_out[: config.eval_examples])
         grid = {label: {which: build_conditions(part, config.languages, config.modalities,
                                                 translations=translations, translator=translator, seed=config.seed)
                         for which, part in zip(("fit", "held_out"), parts[label])}
@@ -363,15 +370,21 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
     trained_sets = {"aligned": neurons}
     if "random" in config.baselines:
         trained_sets["random neurons"] = random_like(neurons, config.seed)
+    rule = None
+    if config.validate_every:
+        rule = Validation(refusal_validation(validation["harmful"], validation["benign"], batch_size=config.batch_size,
+                                             max_new_tokens=config.max_new_tokens),
+                          every=config.validate_every, min_harmful_refusal=config.min_refusal,
+                          max_benign_refusal=config.max_over_refusal)
     training = {}
     for name, neuron_set in trained_sets.items():
         with stage(f"train: {name}"):
-            result = train(lm, pairs, neuron_set, train_config, progress=progress)
+            result = train(lm, pairs, neuron_set, train_config, validation=rule, progress=progress)
         models[name] = result.model
         training[name] = {"mode": config.mode, "neurons": len(neuron_set), "trainable": result.trainable,
                           "total": result.total, "trainable_fraction": result.fraction, "steps": len(result.losses),
                           "loss_first": result.losses[0], "loss_last": result.losses[-1], "losses": result.losses,
-                          "seconds": result.seconds}
+                          "seconds": result.seconds, "validation": result.checks, "chosen_step": result.chosen_step}
         with stage(f"evaluate: {name}"):
             responses[name] = (answers(result.model, held_harmful, f"{name}: harmful"),
                                answers(result.model, held_benign, f"{name}: benign"))

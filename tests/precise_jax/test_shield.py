@@ -16,7 +16,7 @@ from precise_jax.shield import PipelineConfig, run_pipeline, within_length
 
 SMALL = PipelineConfig(locate_examples=6, train_examples=4, eval_examples=5, max_tokens=96, ratio=0.1,
                        random_seeds=2, epochs=1, learning_rate=1e-2, baselines=("random",), max_new_tokens=4,
-                       batch_size=4)
+                       batch_size=4, validate_every=1, validation_examples=4)
 
 
 @pytest.fixture(scope="module")
