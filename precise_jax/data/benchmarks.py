@@ -45,6 +45,67 @@ def multijail(root: str | os.PathLike | None = None, languages: Iterable[str] | 
     return _unique(examples, path)
 
 
+FIGSTEP_SUBSETS = {"full": ("safebench.csv", "SafeBench"), "tiny": ("SafeBench-Tiny.csv", "SafeBench-Tiny")}
+FIGSTEP_COLUMNS = ("dataset", "category_id", "task_id", "category_name", "question", "instruction")
+FIGSTEP_LAYOUT = ("data/question/{safebench.csv | SafeBench-Tiny.csv} with columns " + ", ".join(FIGSTEP_COLUMNS)
+                  + " and data/images/{SafeBench | SafeBench-Tiny}/query_{dataset}_{category_id}_{task_id}_6.png")
+
+
+def figstep(root: str | os.PathLike | None = None, *, subset: str = "tiny",
+            modality: str = "typographic") -> list[Example]:
+    """FigStep SafeBench: 500 harmful questions in 10 topics (subset "full") or its 50-question "tiny" subset, with
+    the official typographic images; root None reads the vendored copy, which has the tiny subset's images only.
+
+    modality "typographic": the official image with FigStep's fixed instruction (FIGSTEP_PROMPT), the attack;
+    "text": the question alone, the attack in metadata["benchmark_conditions"]["typographic"] (build_conditions'
+    typographic cell uses it). id "figstep-01-05" (category, task) in both; category = category_name.
+    """
+    from precise_jax.data.typography import FIGSTEP_PROMPT
+
+    if subset not in FIGSTEP_SUBSETS:
+        raise InputError(f"FigStep SafeBench has subsets {sorted(FIGSTEP_SUBSETS)}, not {subset!r}")
+    if modality not in ("typographic", "text"):
+        raise InputError(f"FigStep examples are 'typographic' (the attack) or 'text' (the question), not {modality!r}")
+    name, folder = FIGSTEP_SUBSETS[subset]
+    if root is None and subset == "full":
+        raise InputError("the vendored FigStep copy has the tiny subset's images only; for the full SafeBench give "
+                         f"a clone of ThuCCSLab/FigStep (or its data/ folder) as root: {FIGSTEP_LAYOUT}")
+    path = _find(root, f"figstep/question/{name}", name, FIGSTEP_LAYOUT)
+    images = _image_folder(path, root, folder, FIGSTEP_LAYOUT)
+    examples = []
+    for where, row in _csv_rows(path, FIGSTEP_COLUMNS, FIGSTEP_LAYOUT):
+        category, task = _integer(row["category_id"], where, "category_id"), _integer(row["task_id"], where, "task_id")
+        image = images / f"query_{row['dataset'].strip()}_{category}_{task}_6.png"
+        if not image.is_file():
+            raise InputError(f"{where}: its image {image} does not exist; expected the published layout: "
+                             f"{FIGSTEP_LAYOUT}")
+        attack = {"image": str(image), "prompt": FIGSTEP_PROMPT, "instruction": row["instruction"]}
+        metadata = {"item": f"figstep-{category:02d}-{task:02d}", "dataset": row["dataset"].strip(),
+                    "category_id": category, "task_id": task, "question": row["question"],
+                    "instruction": row["instruction"], "subset": subset,
+                    "benchmark_conditions": {"typographic": attack}}
+        if modality == "typographic":
+            fields = dict(prompt=FIGSTEP_PROMPT, images=(image,), modality="typographic")
+        else:
+            fields = dict(prompt=row["question"])
+        examples.append(_example(where, id=metadata["item"], label="harmful", source="figstep",
+                                 category=row["category_name"].strip(), metadata=metadata, **fields))
+    return _unique(examples, path)
+
+
+def _image_folder(table: Path, root, folder: str, layout: str) -> Path:
+    """The benchmark's image folder `images/{folder}`: beside the table's folder (data/question/ ~ data/images/),
+    beside the table, or under root or root/data."""
+    candidates = [table.parent.parent / "images" / folder, table.parent / "images" / folder]
+    if root is not None and Path(root).is_dir():
+        candidates += [Path(root) / "images" / folder, Path(root) / "data" / "images" / folder]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise InputError(f"no image folder images/{folder} for {table} (looked in {candidates[0]} and beside it); "
+                     f"expected the published layout: {layout}")
+
+
 def _find(root, vendored: str, name: str, layout: str) -> Path:
     """The benchmark file: the vendored copy (root None), `root` itself, or the one file `name` under a folder."""
     if root is None:

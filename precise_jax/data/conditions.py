@@ -143,6 +143,8 @@ def build_conditions(
 
     Condition example ids are "<id>:<language>:<modality>" (metadata["base_id"] keeps the original). A language
     missing from `translations` is asked of `translator`; without one, the missing ids are reported.
+    An example whose metadata["benchmark_conditions"][modality] is {"image", "prompt"[, "instruction"]} (the
+    benchmark loaders' official images) gets those in its own language instead of a rendered image or a photo.
     """
     if not examples:
         raise InputError("cannot build conditions from an empty prompt set")
@@ -167,7 +169,13 @@ def build_conditions(
                     language=language, modality=modality, source=example.source, category=example.category,
                     metadata={**example.metadata, "base_id": example.id, "instruction": prompt},
                 )
-                if modality == "text":
+                # a benchmark's own image and text for this modality (FigStep's typographic images, MM-SafetyBench's
+                # SD images), in its own language only: other languages get ours, made from the translation
+                official = (example.metadata.get("benchmark_conditions") or {}).get(modality)
+                if official and language == example.language:
+                    common["metadata"]["instruction"] = official.get("instruction", prompt)
+                    cell.append(Example(prompt=official["prompt"], images=(Path(official["image"]),), **common))
+                elif modality == "text":
                     cell.append(Example(prompt=prompt, **common))
                 elif modality == "typographic":
                     carrier = figstep_prompts.get(language, FIGSTEP_PROMPT)

@@ -140,7 +140,6 @@ def alpaca_eval() -> list[Example]:
     ]
 
 
-# Benchmarks read from a user's local copy (root=...) or, with root None, from the copy vendored in the package.
 def borderline_benign() -> list[Example]:
     """64 benign prompts that look harmful (homonyms, figurative language, safe targets and contexts, definitions,
     history, safety information, public figures), written for this project: the over-refusal probe."""
@@ -159,7 +158,13 @@ def benign_multilingual() -> list[Example]:
                          defaults={"source": "benign-multilingual"})
 
 
-LOCAL_SETS = {"multijail": benchmarks.multijail}
+# Benchmarks read from a user's local copy (root=...) or, with root None, from the copy vendored in the package.
+LOCAL_SETS = {
+    "multijail": benchmarks.multijail,
+    # FigStep's questions as text examples: the official images are their typographic condition
+    "figstep": lambda root=None: benchmarks.figstep(root, subset="full", modality="text"),
+    "figstep-tiny": lambda root=None: benchmarks.figstep(root, subset="tiny", modality="text"),
+}
 
 SETS = {
     "jbb": jbb_behaviors, "harmbench": harmbench, "advbench": advbench, "do-not-answer": do_not_answer,
