@@ -93,6 +93,142 @@ def figstep(root: str | os.PathLike | None = None, *, subset: str = "tiny",
     return _unique(examples, path)
 
 
+XSTEST_COLUMNS = ("id", "prompt", "type", "label", "focus", "note")
+XSTEST_LAYOUT = "xstest_prompts.csv with columns " + ", ".join(XSTEST_COLUMNS) + " (label safe / unsafe)"
+
+
+def xstest(root: str | os.PathLike | None = None, *, labels: Iterable[str] = ("safe", "unsafe")) -> list[Example]:
+    """XSTest: 250 safe prompts that look unsafe (the over-refusal probe: label "benign") and 200 unsafe contrasts
+    (label "harmful"), from a user's copy of xstest_prompts.csv; category = type (e.g. "homonyms",
+    "contrast_homonyms"); metadata: xstest_label, focus, note, over_refusal (True for the safe prompts).
+    """
+    labels = tuple(labels)
+    if not labels or set(labels) - {"safe", "unsafe"}:
+        raise InputError(f"XSTest labels are 'safe' and 'unsafe', not {list(labels)}")
+    path = _find(root, None, "xstest_prompts.csv", XSTEST_LAYOUT)
+    examples = []
+    for where, row in _csv_rows(path, XSTEST_COLUMNS, XSTEST_LAYOUT):
+        label = (row["label"] or "").strip().lower()
+        if label not in ("safe", "unsafe"):
+            raise InputError(f"{where}: label {row['label']!r} is neither 'safe' nor 'unsafe' ({XSTEST_LAYOUT})")
+        if label not in labels:
+            continue
+        number = (row["id"] or "").strip()
+        number = f"{int(number):03d}" if number.isdigit() else number
+        examples.append(_example(
+            where, id=f"xstest-{number}", prompt=row["prompt"], label="benign" if label == "safe" else "harmful",
+            source="xstest", category=(row["type"] or "").strip() or None,
+            metadata={"xstest_label": label, "focus": (row["focus"] or "").strip(),
+                      "note": (row["note"] or "").strip(), "over_refusal": label == "safe"},
+        ))
+    return _unique(examples, path)
+
+
+# XSafety's folders; "sp" is its name for Spanish, read as language "es".
+XSAFETY_FOLDERS = {"ar": "ar", "bn": "bn", "de": "de", "en": "en", "fr": "fr", "hi": "hi", "ja": "ja", "ru": "ru",
+                   "es": "sp", "zh": "zh"}
+XSAFETY_LANGUAGES = tuple(XSAFETY_FOLDERS)
+XSAFETY_LAYOUT = ("one folder per language (" + ", ".join(XSAFETY_FOLDERS.values()) + "), one file per safety "
+                  "category in each: {Category}.csv (or {Category}_n.csv, .xlsx), one prompt per row, no header")
+
+
+def xsafety(root: str | os.PathLike | None = None, languages: Iterable[str] | None = None) -> list[Example]:
+    """XSafety: prompts in 14 safety categories, translated into 10 languages, from a user's copy (the folder
+    holding ar/ bn/ ... zh/). One example per (category, row, language): id "xsafety-Insult-0007-fr", category as
+    the file names it (without the "_n" / "_en" suffix); metadata["item"] ("xsafety-Insult-0007") pairs the
+    languages of one row (the published files are translated row for row). languages None: every language folder
+    the copy has; "sp" and "es" both name Spanish.
+    """
+    if root is None:
+        raise InputError(f"XSafety is not vendored: give the folder of your copy ({XSAFETY_LAYOUT})")
+    root = Path(root).expanduser()
+    if root.is_dir() and not any((root / f).is_dir() for f in XSAFETY_FOLDERS.values()):
+        found = sorted({p.parent.parent for f in ("en", "zh") for p in root.rglob(f"{f}/*.csv")})
+        root = found[0] if len(found) == 1 else root
+    if not root.is_dir():
+        raise InputError(f"{root} is not a folder; give the folder holding XSafety's {XSAFETY_LAYOUT}")
+    if languages is None:  # every language folder the copy has
+        languages = [language for language, folder in XSAFETY_FOLDERS.items() if (root / folder).is_dir()]
+        if not languages:
+            raise InputError(f"{root} has no language folder; expected XSafety's layout: {XSAFETY_LAYOUT}")
+    languages = _languages(["es" if language == "sp" else language for language in languages], XSAFETY_LANGUAGES,
+                           root)
+    examples = []
+    for language in languages:
+        folder = root / XSAFETY_FOLDERS[language]
+        files = sorted(p for p in folder.glob("*") if p.suffix in (".csv", ".xlsx") and p.is_file()) \
+            if folder.is_dir() else []
+        if not files:
+            raise InputError(f"{folder} has no category files; expected XSafety's layout: {XSAFETY_LAYOUT}")
+        seen: dict[str, Path] = {}
+        for file in files:
+            category = _xsafety_category(file.stem, XSAFETY_FOLDERS[language])
+            if category in seen:
+                raise InputError(f"{file} and {seen[category]} are both category {category!r}; keep one")
+            seen[category] = file
+            prompts = _xlsx_column(file) if file.suffix == ".xlsx" else _single_column_csv(file)
+            for n, (where, prompt) in enumerate(prompts):
+                item = f"xsafety-{category}-{n:04d}"
+                examples.append(_example(
+                    where, id=f"{item}-{language}", prompt=prompt, label="harmful", language=language,
+                    source="xsafety", category=category, metadata={"item": item, "file": file.name},
+                ))
+    return _unique(examples, root)
+
+
+def _xsafety_category(stem: str, folder: str) -> str:
+    for suffix in ("_n", f"_{folder}"):
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def _single_column_csv(path: Path) -> list[tuple[str, str]]:
+    """(location, prompt) per non-empty row of a header-less CSV with one prompt a row (unquoted commas kept)."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path} is not UTF-8 text ({error}); expected one prompt per row") from None
+    return [(f"{path} row {n}", ",".join(row).strip()) for n, row in enumerate(rows, 1) if ",".join(row).strip()]
+
+
+def _xlsx_column(path: Path) -> list[tuple[str, str]]:
+    """(location, text) per non-empty cell of column A of the first sheet of an .xlsx file (no openpyxl needed)."""
+    import zipfile
+    from xml.etree import ElementTree
+
+    main = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
+    try:
+        with zipfile.ZipFile(path) as book:
+            names = set(book.namelist())
+            shared = []
+            if "xl/sharedStrings.xml" in names:
+                for item in ElementTree.fromstring(book.read("xl/sharedStrings.xml")).iter(f"{main}si"):
+                    shared.append("".join(t.text or "" for t in item.iter(f"{main}t")))
+            sheets = sorted(n for n in names if n.startswith("xl/worksheets/sheet") and n.endswith(".xml"))
+            if not sheets:
+                raise InputError(f"{path} has no worksheet; expected one prompt per row in column A")
+            sheet = ElementTree.fromstring(book.read(sheets[0]))
+    except (zipfile.BadZipFile, ElementTree.ParseError, KeyError) as error:
+        raise InputError(f"{path} is not a readable .xlsx workbook ({error}); re-save it or export it as CSV") from None
+    out = []
+    for row in sheet.iter(f"{main}row"):
+        for cell in row.iter(f"{main}c"):
+            if not "".join(ch for ch in cell.get("r", "A") if ch.isalpha()) == "A":
+                continue
+            kind, value = cell.get("t"), cell.find(f"{main}v")
+            if kind == "s" and value is not None:
+                text = shared[int(value.text)]
+            elif kind == "inlineStr":
+                text = "".join(t.text or "" for t in cell.iter(f"{main}t"))
+            else:
+                text = value.text if value is not None else ""
+            if (text or "").strip():
+                out.append((f"{path} row {row.get('r')}", text.strip()))
+    return out
+
+
 def _image_folder(table: Path, root, folder: str, layout: str) -> Path:
     """The benchmark's image folder `images/{folder}`: beside the table's folder (data/question/ ~ data/images/),
     beside the table, or under root or root/data."""
@@ -106,9 +242,11 @@ def _image_folder(table: Path, root, folder: str, layout: str) -> Path:
                      f"expected the published layout: {layout}")
 
 
-def _find(root, vendored: str, name: str, layout: str) -> Path:
+def _find(root, vendored: str | None, name: str, layout: str) -> Path:
     """The benchmark file: the vendored copy (root None), `root` itself, or the one file `name` under a folder."""
     if root is None:
+        if vendored is None:
+            raise InputError(f"{name} is not vendored in precise-jax: give the path of your copy ({layout})")
         return VENDORED / vendored
     root = Path(root).expanduser()
     if root.is_file():

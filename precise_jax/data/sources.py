@@ -164,6 +164,11 @@ LOCAL_SETS = {
     # FigStep's questions as text examples: the official images are their typographic condition
     "figstep": lambda root=None: benchmarks.figstep(root, subset="full", modality="text"),
     "figstep-tiny": lambda root=None: benchmarks.figstep(root, subset="tiny", modality="text"),
+    "xstest": benchmarks.xstest,
+    # XSTest's 250 safe prompts alone (label benign): the over-refusal probe; and its 200 unsafe contrasts
+    "xstest-safe": lambda root=None: benchmarks.xstest(root, labels=("safe",)),
+    "xstest-unsafe": lambda root=None: benchmarks.xstest(root, labels=("unsafe",)),
+    "xsafety": benchmarks.xsafety,
 }
 
 SETS = {
