@@ -22,7 +22,9 @@ import numpy as np
 from ports.errors import InputError
 from precise_jax.capture import available_sites
 from precise_jax.data import Example, build_conditions, make_batches, stable_hash
-from precise_jax.evaluate import refusal_keyword_judge, refusal_scores, refusal_token_ids, respond
+from precise_jax.evaluate import (
+    mean_interval, refusal_keyword_judge, refusal_scores, refusal_token_ids, respond, sequence_refusal_scores,
+)
 from precise_jax.interventions import FUSIONS, care_projection, projection_hook
 from precise_jax.mediation import activation_patching, attribution_patching, layer_skip_effects, neuron_patching
 from precise_jax.shield import REFUSALS
@@ -296,7 +298,6 @@ def evaluate_projection(
     if hidden is not None and widths != {hidden}:
         raise InputError(f"the subspaces have width {sorted(widths)}, the model's hidden size is "
                          f"{lm.decoder.hidden_size}: they were fitted on another model")
-    refusal_ids = refusal_token_ids(_tokenizer(lm))
     max_k = max(s.k for s in subspaces.values())
 
     def run(label, hook_params):
@@ -306,10 +307,12 @@ def evaluate_projection(
             texts = respond(lm, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             hook=projection_hook, hook_params=hook_params, description=f"{label} {name}")
             refused = refusal_keyword_judge(texts, [e.language for e in prompts])
-            scores = refusal_scores(lm, prompts, refusal_ids, batch_size=batch_size, hook=projection_hook,
-                                    hook_params=hook_params)
-            out[name] = {"refusal_rate": float(refused.mean()), "refusal_logit": float(scores.mean()),
-                         "refused": refused.tolist(), "responses": texts}
+            scores = sequence_refusal_scores(lm, prompts, batch_size=batch_size, hook=projection_hook,
+                                             hook_params=hook_params)
+            out[name] = {"refusal_rate": float(refused.mean()), "refusal_interval": mean_interval(refused),
+                         "refusal_score": float(scores.sequence.mean()),
+                         "refusal_logit": float(scores.first_token.mean()), "refused": refused.tolist(),
+                         "responses": texts}
         out["seconds"] = round(time.perf_counter() - started, 1)
         _log(f"care generate: {label}: harmful refusal {out['harmful']['refusal_rate']:.3f}, "
              f"benign refusal {out['benign']['refusal_rate']:.3f}")
@@ -329,6 +332,8 @@ def evaluate_projection(
         "baseline": baseline, "projected": configs,
         "summary": [{"alpha": c["alpha"], "k": c["k"],
                      "harmful_refusal": c["harmful"]["refusal_rate"], "benign_refusal": c["benign"]["refusal_rate"],
+                     "harmful_refusal_score": c["harmful"]["refusal_score"],
+                     "benign_refusal_score": c["benign"]["refusal_score"],
                      "harmful_refusal_logit": c["harmful"]["refusal_logit"],
                      "benign_refusal_logit": c["benign"]["refusal_logit"]}
                     for c in [{"alpha": 0.0, "k": 0, **baseline}, *configs]],

@@ -412,6 +412,12 @@ def claims_report(report: Report, results: Mapping, *, false_positives: int = 12
                  [[k, f"{p['observed']:.3f}", f"{p['random_mean']:.3f} ± {p['random_std']:.3f}"]
                   for k, p in o["pairs"].items()],
                  note="Neurons per language: " + ", ".join(f"{k} {v}" for k, v in results["neurons"].items()) + ".")
+    care = results["care"]
+    report.table(f"CARE: text subspace (k={care['k']}) at {care['site']} of layers {care['layers']}; "
+                 f"{care['jailbreak_prompts']} held-out English harmful prompts behind in-the-wild jailbreak "
+                 "preambles", ["run", "harmful refusal", "harmful sequence score", "benign refusal"],
+                 [[name, r["harmful"]["rate"], f"{r['harmful']['score']:.3f}", r["benign"]["rate"]]
+                  for name, r in care["runs"].items()])
     t = results["transfer"]
     languages = config["languages"]
     rows = [["original", "–", *[t["original"]["harmful"][lang] for lang in languages], t["original"]["benign"], "–"]]

