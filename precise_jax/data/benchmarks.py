@@ -176,6 +176,127 @@ def xsafety(root: str | os.PathLike | None = None, languages: Iterable[str] | No
     return _unique(examples, root)
 
 
+MM_SAFETYBENCH_KINDS = {  # kind: (the question key its text uses, Example modality)
+    "SD": ("Rephrased Question(SD)", "image+text"), "SD_TYPO": ("Rephrased Question", "image+text"),
+    "TYPO": ("Rephrased Question", "typographic"), "text": ("Question", "text"),
+}
+MM_SAFETYBENCH_KEYS = ("Question", "Key Phrase", "Rephrased Question", "Rephrased Question(SD)")
+MM_SAFETYBENCH_LAYOUT = ("data/processed_questions/{scenario}.json ({id: {" + ", ".join(MM_SAFETYBENCH_KEYS) +
+                         "}}) and data/imgs/{scenario}/{SD,SD_TYPO,TYPO}/{id}.jpg")
+
+
+def mm_safetybench(root: str | os.PathLike | None = None, *, kind: str = "SD_TYPO",
+                   scenarios: Iterable[str] | None = None) -> list[Example]:
+    """MM-SafetyBench from a user's copy: one example per question of each scenario (01-Illegal_Activitiy ...).
+
+    kind SD / SD_TYPO / TYPO: that image with the benchmark's text for it (the rephrased question; SD's own for
+    SD); "text": the original question, with the TYPO attack as its typographic condition and SD as its image+text
+    condition (metadata["benchmark_conditions"]). id "mm-safetybench-01-Illegal_Activitiy-0"; category = scenario.
+    """
+    if kind not in MM_SAFETYBENCH_KINDS:
+        raise InputError(f"MM-SafetyBench kinds are {sorted(MM_SAFETYBENCH_KINDS)}, not {kind!r}")
+    if root is None:
+        raise InputError(f"MM-SafetyBench is not vendored: give the folder of your copy ({MM_SAFETYBENCH_LAYOUT})")
+    root = Path(root).expanduser()
+    candidates = [root / "data" / "processed_questions", root / "processed_questions", root]
+    questions = next((c for c in candidates if c.is_dir() and any(c.glob("*.json"))), None)
+    if questions is None:
+        raise InputError(f"{root} has no processed_questions/*.json; expected MM-SafetyBench's layout: "
+                         f"{MM_SAFETYBENCH_LAYOUT}")
+    files = {f.stem: f for f in sorted(questions.glob("*.json"))}
+    chosen = list(files) if scenarios is None else list(scenarios)
+    unknown = [name for name in chosen if name not in files]
+    if unknown or not chosen:
+        raise InputError(f"{questions} has no scenario {unknown or chosen}; its scenarios are {list(files)}")
+    images = next((c for c in (questions.parent / "imgs", questions.parent / "MM-SafetyBench(imgs)",
+                               root / "imgs", root / "data" / "imgs") if c.is_dir()), None)
+    if images is None:
+        raise InputError(f"no image folder imgs/ beside {questions}; expected MM-SafetyBench's layout: "
+                         f"{MM_SAFETYBENCH_LAYOUT} (its images are a separate download)")
+    text_key, modality = MM_SAFETYBENCH_KINDS[kind]
+    examples = []
+    for scenario in chosen:
+        file = files[scenario]
+        for qid, entry in _json_object(file).items():
+            where = f"{file} question {qid!r}"
+            missing = [key for key in MM_SAFETYBENCH_KEYS if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise InputError(f"{where} has no {', '.join(map(repr, missing))}; expected {MM_SAFETYBENCH_LAYOUT}")
+            picture = {k: images / scenario / k / f"{qid}.jpg" for k in ("SD", "SD_TYPO", "TYPO")}
+            for k in ((kind,) if kind != "text" else ("SD", "TYPO")):
+                if not picture[k].is_file():
+                    raise InputError(f"{where}: its {k} image {picture[k]} does not exist; expected "
+                                     f"MM-SafetyBench's layout: {MM_SAFETYBENCH_LAYOUT}")
+            metadata = {"item": f"mm-safetybench-{scenario}-{qid}", "scenario": scenario, "kind": kind,
+                        "question": entry["Question"], "key_phrase": entry["Key Phrase"],
+                        "phrase_type": entry.get("Phrase Type"), "rephrased_question": entry["Rephrased Question"],
+                        "rephrased_question_sd": entry["Rephrased Question(SD)"]}
+            if kind == "text":
+                metadata["benchmark_conditions"] = {
+                    "typographic": {"image": str(picture["TYPO"]), "prompt": entry["Rephrased Question"],
+                                    "instruction": entry["Key Phrase"]},
+                    "image+text": {"image": str(picture["SD"]), "prompt": entry["Rephrased Question(SD)"]},
+                }
+            examples.append(_example(
+                where, id=metadata["item"], prompt=entry[text_key], label="harmful", modality=modality,
+                images=() if kind == "text" else (picture[kind],), source="mm-safetybench",
+                category=scenario.split("-", 1)[-1], metadata=metadata,
+            ))
+    return _unique(examples, questions)
+
+
+JAILBREAKV_SUBSETS = {"mini": "mini_JailBreakV_28K.csv", "full": "JailBreakV_28K.csv"}
+JAILBREAKV_COLUMNS = ("id", "jailbreak_query", "redteam_query", "format", "policy", "image_path")
+JAILBREAKV_LAYOUT = ("JailBreakV_28K/{JailBreakV_28K.csv | mini_JailBreakV_28K.csv} with columns "
+                     + ", ".join(JAILBREAKV_COLUMNS) + " and image_path relative to the JailBreakV_28K folder")
+
+
+def jailbreakv(root: str | os.PathLike | None = None, *, subset: str = "mini",
+               modality: str = "image") -> list[Example]:
+    """JailBreakV-28K (or its 280-row "mini" subset) from a user's copy: each jailbreak query with its image;
+    id "jailbreakv-17"; category = policy; modality typographic for the FigStep format, else image+text;
+    metadata: redteam_query (the plain harmful request), format, image_path and the remaining columns.
+    modality "text": the redteam query alone, the attack as its condition (metadata["benchmark_conditions"]).
+    """
+    if modality not in ("image", "text"):
+        raise InputError(f"JailBreakV-28K examples are 'image' (the attack) or 'text' (the query), not {modality!r}")
+    if subset not in JAILBREAKV_SUBSETS:
+        raise InputError(f"JailBreakV-28K has subsets {sorted(JAILBREAKV_SUBSETS)}, not {subset!r}")
+    path = _find(root, None, JAILBREAKV_SUBSETS[subset], JAILBREAKV_LAYOUT)
+    examples = []
+    for where, row in _csv_rows(path, JAILBREAKV_COLUMNS, JAILBREAKV_LAYOUT):
+        image = path.parent / (row["image_path"] or "").strip()
+        if not (row["image_path"] or "").strip() or not image.is_file():
+            raise InputError(f"{where}: its image {image} does not exist; expected the published layout: "
+                             f"{JAILBREAKV_LAYOUT}")
+        form = (row["format"] or "").strip()
+        attack = "typographic" if form.lower() == "figstep" else "image+text"
+        extra = {k: v for k, v in row.items() if k not in ("id", "jailbreak_query", "policy") and k is not None}
+        if modality == "text":
+            extra["benchmark_conditions"] = {attack: {"image": str(image), "prompt": row["jailbreak_query"]}}
+            fields = dict(prompt=row["redteam_query"])
+        else:
+            fields = dict(prompt=row["jailbreak_query"], images=(image,), modality=attack)
+        examples.append(_example(
+            where, id=f"jailbreakv-{(row['id'] or '').strip()}", label="harmful", source="jailbreakv-28k",
+            category=(row["policy"] or "").strip() or None, metadata=extra, **fields,
+        ))
+    return _unique(examples, path)
+
+
+def _json_object(path: Path) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{path} holds a JSON {type(value).__name__}, not an object of questions by id")
+    return value
+
+
 def _xsafety_category(stem: str, folder: str) -> str:
     for suffix in ("_n", f"_{folder}"):
         if stem.endswith(suffix):
@@ -215,16 +336,17 @@ def _xlsx_column(path: Path) -> list[tuple[str, str]]:
     out = []
     for row in sheet.iter(f"{main}row"):
         for cell in row.iter(f"{main}c"):
-            if not "".join(ch for ch in cell.get("r", "A") if ch.isalpha()) == "A":
+            if "".join(ch for ch in cell.get("r", "A") if ch.isalpha()) != "A":
                 continue
             kind, value = cell.get("t"), cell.find(f"{main}v")
-            if kind == "s" and value is not None:
+            text: str = ""
+            if kind == "s" and value is not None and value.text is not None:
                 text = shared[int(value.text)]
             elif kind == "inlineStr":
                 text = "".join(t.text or "" for t in cell.iter(f"{main}t"))
-            else:
-                text = value.text if value is not None else ""
-            if (text or "").strip():
+            elif value is not None:
+                text = value.text or ""
+            if text.strip():
                 out.append((f"{path} row {row.get('r')}", text.strip()))
     return out
 

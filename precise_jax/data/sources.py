@@ -193,6 +193,10 @@ LOCAL_SETS = {
     "xstest-safe": lambda root=None: benchmarks.xstest(root, labels=("safe",)),
     "xstest-unsafe": lambda root=None: benchmarks.xstest(root, labels=("unsafe",)),
     "xsafety": benchmarks.xsafety,
+    # the plain questions and requests as text examples: each one's published attack image is its condition
+    "mm-safetybench": lambda root=None: benchmarks.mm_safetybench(root, kind="text"),
+    "jailbreakv": lambda root=None: benchmarks.jailbreakv(root, subset="full", modality="text"),
+    "jailbreakv-mini": lambda root=None: benchmarks.jailbreakv(root, subset="mini", modality="text"),
 }
 
 SETS = {
