@@ -6,7 +6,7 @@
     for batch in make_batches(grid[Condition("en", "text")], tokenizer, 8): ...
 """
 
-from precise_jax.data import sources
+from precise_jax.data import benchmarks, sources
 from precise_jax.data.batching import Batch, BatchEncoder, bucket_length, make_batches, positions_mask, token_lengths
 from precise_jax.data.conditions import (
     ApertiumTranslator, Condition, build_conditions, load_translations, save_translations,
@@ -20,7 +20,7 @@ from precise_jax.data.typography import (
 
 __all__ = [
     "ApertiumTranslator", "Batch", "Condition", "Example", "BatchEncoder", "FIGSTEP", "FIGSTEP_PROMPT",
-    "TypographyStyle", "benign_photos", "bucket_length", "build_conditions", "layout_typographic",
+    "TypographyStyle", "benign_photos", "benchmarks", "bucket_length", "build_conditions", "layout_typographic",
     "load_examples", "load_translations", "make_batches", "positions_mask", "render_typographic",
     "save_examples", "save_translations", "seeded_order", "sources", "split_examples", "stable_hash",
     "token_lengths", "typographic_image",

@@ -284,6 +284,35 @@ def jailbreakv(root: str | os.PathLike | None = None, *, subset: str = "mini",
     return _unique(examples, path)
 
 
+def parallel(examples: Sequence[Example], base: str = "en") -> tuple[list[Example], dict]:
+    """(one example per item in the `base` language, {(its id, language): {"prompt"}} for the other languages):
+    a multilingual benchmark (examples paired by metadata["item"], as multijail and xsafety give them) in the
+    form build_conditions takes, so that a language is a condition and a split by id keeps an item's languages
+    together. The base examples' ids are the item ids."""
+    import dataclasses
+
+    items: dict[str, dict[str, Example]] = {}
+    for example in examples:
+        item = example.metadata.get("item")
+        if not item:
+            raise InputError(f"example {example.id!r} has no metadata 'item' pairing it with its translations")
+        if example.language in items.setdefault(item, {}):
+            raise InputError(f"item {item!r} has two {example.language!r} examples ({example.id!r} and "
+                             f"{items[item][example.language].id!r})")
+        items[item][example.language] = example
+    lacking = [item for item, versions in items.items() if base not in versions]
+    if lacking:
+        raise InputError(f"{len(lacking)} items have no {base!r} version (e.g. {lacking[:3]}); choose a base "
+                         "language every item has")
+    originals, translations = [], {}
+    for item, versions in items.items():
+        originals.append(dataclasses.replace(versions[base], id=item))
+        for language, example in versions.items():
+            if language != base:
+                translations[(item, language)] = {"prompt": example.prompt}
+    return originals, translations
+
+
 def _json_object(path: Path) -> dict:
     import json
 

@@ -402,3 +402,56 @@ def test_jailbreakv_broken_layouts(tmp_path):
         benchmarks.jailbreakv(copy)
     with pytest.raises(InputError, match=r"mini_JailBreakV_28K\.csv is not vendored"):
         sources.load_set("jailbreakv-mini")
+
+
+# Languages as conditions
+
+def test_parallel_makes_multijail_languages_conditions():
+    from precise_jax.data import Condition, build_conditions, split_examples
+
+    examples = benchmarks.multijail(languages=["en", "it", "bn"])
+    originals, translations = benchmarks.parallel(examples)
+    assert len(originals) == 315 and len(translations) == 630
+    assert originals[7].id == "multijail-007" and originals[7].language == "en"
+    assert originals[7].prompt == examples[21].prompt and examples[21].id == "multijail-007-en"
+    assert translations[("multijail-007", "it")] == {"prompt": examples[22].prompt}
+    fit, held_out = split_examples(originals, 0.2, seed=0)
+    grid = build_conditions(held_out, ("en", "it", "bn"), ("text",), translations=translations)
+    by_language = {c.language: cell for c, cell in grid.items()}
+    assert [len(cell) for cell in by_language.values()] == [len(held_out)] * 3
+    first = held_out[0].id
+    it = grid[Condition("it", "text")][0]
+    assert it.id == f"{first}:it:text" and it.prompt == translations[(first, "it")]["prompt"]
+    assert it.language == "it" and it.category == held_out[0].category
+    # no item is on both sides of the split in any language
+    assert not {e.id for e in fit} & {e.metadata["base_id"] for cell in grid.values() for e in cell}
+
+    with pytest.raises(InputError, match=r"315 items have no 'sw' version"):
+        benchmarks.parallel(examples, base="sw")
+    with pytest.raises(InputError, match=r"item 'multijail-000' has two 'en' examples"):
+        benchmarks.parallel(examples[:1] * 2)
+
+
+REFUSALS = {  # a refusal reply in each benchmark language, and the first line of an answer
+    "zh": "对不起，我不能帮助你做这件事。", "it": "Mi dispiace, ma non posso aiutarti.",
+    "vi": "Xin lỗi, tôi không thể giúp bạn việc này.", "ar": "عذراً، لا أستطيع المساعدة في ذلك.",
+    "ko": "죄송합니다. 그 요청은 도와드릴 수 없습니다.", "th": "ขออภัย ฉันไม่สามารถช่วยเรื่องนี้ได้",
+    "bn": "দুঃখিত, আমি এতে সাহায্য করতে পারব না।", "sw": "Samahani, siwezi kukusaidia na hilo.",
+    "jv": "Nyuwun sewu, kula mboten saged mbiyantu.", "de": "Es tut mir leid, dabei kann ich nicht helfen.",
+    "fr": "Je suis désolé, je ne peux pas vous aider.", "hi": "क्षमा करें, मैं इसमें मदद नहीं कर सकता।",
+    "ja": "申し訳ありませんが、お手伝いできません。", "ru": "Извините, я не могу с этим помочь.",
+    "es": "Lo siento, no puedo ayudarte con eso.", "en": "I'm sorry, but I can't help with that.",
+}
+
+
+def test_keyword_judge_knows_every_benchmark_language():
+    from precise_jax.evaluate import refusal_keyword_judge
+
+    languages = set(benchmarks.MULTIJAIL_LANGUAGES) | set(benchmarks.XSAFETY_LANGUAGES)
+    assert languages == set(REFUSALS)
+    first_prompts = {e.language: e.prompt for e in benchmarks.multijail() if e.metadata["item"] == "multijail-003"}
+    for language in sorted(languages):
+        assert refusal_keyword_judge([REFUSALS[language]], language).tolist() == [True], language
+    # the prompts themselves (requests, not refusals) do not read as refusals
+    for language, prompt in first_prompts.items():
+        assert refusal_keyword_judge([prompt], language).tolist() == [False], (language, prompt)
