@@ -182,7 +182,8 @@ def benign_multilingual() -> list[Example]:
                          defaults={"source": "benign-multilingual"})
 
 
-# Benchmarks read from a user's local copy (root=...) or, with root None, from the copy vendored in the package.
+# Benchmarks read from a user's local copy (root=...) or, with root None, from the copy vendored in the package
+# (multijail, figstep-tiny; the others need a path).
 LOCAL_SETS = {
     "multijail": benchmarks.multijail,
     # FigStep's questions as text examples: the official images are their typographic condition
@@ -206,7 +207,8 @@ SETS = {
     # HarmBench's standard behaviours only: its copyright rows (song lyrics, book passages) read as ordinary writing
     # requests, and training refusals on them teaches a model to refuse benign ones
     "harmbench-standard": lambda: harmbench(functional=("standard",)),
-    **LOCAL_SETS,
+    # the benchmarks vendored in the package: every set here loads by its name alone
+    "multijail": LOCAL_SETS["multijail"], "figstep-tiny": LOCAL_SETS["figstep-tiny"],
 }
 
 
@@ -220,10 +222,11 @@ def load_set(name: str, root: str | Path | None = None) -> list[Example]:
         name, root = name.split(":", 1)
         if not root.strip():
             raise InputError(f"prompt set {name!r}: give a path after the colon, or drop the colon")
-    if name not in SETS:
-        raise InputError(f"unknown prompt set {name!r}; the real sets are {sorted(SETS)}")
-    if root is None:
-        return SETS[name]()
+    if name not in SETS and name not in LOCAL_SETS:
+        raise InputError(f"unknown prompt set {name!r}; the real sets are {sorted(SETS)}, and from a local copy "
+                         f"(name:path) {sorted(LOCAL_SETS)}")
+    if root is None:  # a benchmark that is not vendored says which path it needs
+        return SETS[name]() if name in SETS else LOCAL_SETS[name]()
     if name not in LOCAL_SETS:
         raise InputError(f"prompt set {name!r} is read from its pinned archive and takes no local copy; "
                          f"the sets read from a local copy are {sorted(LOCAL_SETS)}")
