@@ -309,7 +309,8 @@ def evaluate_projection(
             refused = refusal_keyword_judge(texts, [e.language for e in prompts])
             scores = sequence_refusal_scores(lm, prompts, batch_size=batch_size, hook=projection_hook,
                                              hook_params=hook_params)
-            out[name] = {"refusal_rate": float(refused.mean()), "refusal_interval": mean_interval(refused),
+            out[name] = {"refusal_rate": float(refused.mean()),
+                         "refusal_interval": dataclasses.asdict(mean_interval(refused)),
                          "refusal_score": float(scores.sequence.mean()),
                          "refusal_logit": float(scores.first_token.mean()), "refused": refused.tolist(),
                          "responses": texts}

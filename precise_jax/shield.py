@@ -110,7 +110,8 @@ def causal_check(
                             hook_params=params, progress=progress, description=label)
         scores = sequence_refusal_scores(lm, harmful, batch_size=batch_size, hook=unit_edit_hook, hook_params=params)
         refused = refusal_keyword_judge(texts, languages)
-        return {"refusal_rate": float(refused.mean()), "refusal_interval": mean_interval(refused),
+        interval = dataclasses.asdict(mean_interval(refused))
+        return {"refusal_rate": float(refused.mean()), "refusal_interval": interval,
                 "refusal_score": float(scores.sequence.mean()), "refusal_logit": float(scores.first_token.mean()),
                 "refused": refused.tolist(), "responses": texts}
 
@@ -313,13 +314,13 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
             fit = within_length(seeded_order(fit, config.seed), lm, config.max_tokens)
             held_out = within_length(seeded_order(held_out, config.seed), lm, config.max_tokens)
             need = max(config.locate_examples, config.train_examples)
-            checks = config.validation_examples if config.validate_every else 0
-            if len(fit) < 2 + checks or len(held_out) < 2:
+            reserved = config.validation_examples if config.validate_every else 0
+            if len(fit) < 2 + reserved or len(held_out) < 2:
                 raise InputError(f"the {label} set leaves {len(fit)} fitting and {len(held_out)} held-out prompts "
-                                 f"within {config.max_tokens} tokens ({checks} fitting ones are for validation); "
+                                 f"within {config.max_tokens} tokens ({reserved} fitting ones are for validation); "
                                  "give more prompts or raise --max-tokens")
-            validation[label] = fit[len(fit) - checks:] if checks else []
-            parts[label] = (fit[: len(fit) - checks][:need], held_out[: config.eval_examples])
+            validation[label] = fit[len(fit) - reserved:] if reserved else []
+            parts[label] = (fit[: len(fit) - reserved][:need], held_out[: config.eval_examples])
         grid = {label: {which: build_conditions(part, config.languages, config.modalities,
                                                 translations=translations, translator=translator, seed=config.seed)
                         for which, part in zip(("fit", "held_out"), parts[label])}
