@@ -7,8 +7,11 @@ import dataclasses
 import json
 import sys
 import time
+from typing import Any, TypeVar
 
 from precise_jax.outputs import OutputDir
+
+Config = TypeVar("Config")
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -32,8 +35,7 @@ def demo(args: argparse.Namespace) -> dict:
         if (Path(args.model) / "organism.json").is_file():
             organism = read_record(args.model)
         lm = load_model(args)
-        config = ClaimsConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
-                                 for f in dataclasses.fields(ClaimsConfig) if hasattr(args, f.name)})
+        config = config_from(args, ClaimsConfig)
         results = run_claims(lm, config, organism=organism)
         located = results.pop("_located")
         located.neurons.save(report.folder / "neurons")
@@ -72,8 +74,7 @@ def shield_pipeline(args: argparse.Namespace) -> dict:
                 overwrite=args.overwrite) as report:
         lm = load_model(args)
         harmful, benign = prompt_set(args.harmful, "harmful"), prompt_set(args.benign, "benign")
-        config = PipelineConfig(**{f.name: tuple(v) if isinstance(v := getattr(args, f.name), list) else v
-                                   for f in dataclasses.fields(PipelineConfig)})
+        config = config_from(args, PipelineConfig)
         translations, translator = conditions_input(args)
         results = run_pipeline(lm, harmful, benign, config, translations=translations, translator=translator,
                                refusals=refusal_replies(args.refusals))
@@ -87,6 +88,13 @@ def shield_pipeline(args: argparse.Namespace) -> dict:
         final = report.write(results)
     print(f"\nreport: {final / 'report.md'}", file=sys.stderr)
     return summarize(results) | {"report": str(final / "report.md")}
+
+
+def config_from(args: argparse.Namespace, config_class: type[Config]) -> Config:
+    """A config dataclass from the parsed options of the same names (lists as tuples; absent ones keep defaults)."""
+    given: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)  # type: ignore
+                             if hasattr(args, f.name)}
+    return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
 def summarize(results: dict) -> dict:
@@ -489,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "shield",
         help="Precise Shield end to end on a real model (locate, causal check, align, evaluate), with a report",
-        description=shield_pipeline.__doc__ + " Every option of the pipeline can be passed; the defaults fit a 2-core "
-        "CPU in about 10 minutes.",
+        description=(shield_pipeline.__doc__ or "") + " Every option of the pipeline can be passed; the defaults fit "
+        "a 2-core CPU in about 10 minutes.",
         epilog="examples:\n  precise-jax shield\n  precise-jax shield --baselines random --eval-examples 64 --out "
                "runs/shield\n  precise-jax shield --model path/to/hf-folder --languages en de --translations "
                "de.jsonl --refusals refusals.json",

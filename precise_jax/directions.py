@@ -52,9 +52,9 @@ def refusal_direction(lm, harmful: Sequence, benign: Sequence, layer: int, *, po
     if not 0 <= layer < lm.decoder.num_layers:
         raise InputError(f"layer {layer} is outside the model's {lm.decoder.num_layers} layers")
     site = f"lm.layers.{layer}.resid"
-    means = [np.asarray(collect(lm, make_batches(list(examples), lm, batch_size), [site], positions=positions,
-                                pool="mean", total=len(examples), progress=progress).stats[site].mean, np.float64)
-             for examples in (harmful, benign)]
+    collected = [collect(lm, make_batches(list(examples), lm, batch_size), [site], positions=positions, pool="mean",
+                         total=len(examples), progress=progress).stats or {} for examples in (harmful, benign)]
+    means = [np.asarray(stats[site].mean, np.float64) for stats in collected]
     vector = means[0] - means[1]
     if not np.all(np.isfinite(vector)) or np.linalg.norm(vector) == 0:
         raise InputError(f"the harmful and benign means at {site} are equal (or not finite): no direction to "

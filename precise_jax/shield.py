@@ -11,7 +11,7 @@ import dataclasses
 import re
 import sys
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -64,7 +64,8 @@ def locate(
     if set(harmful) != set(benign) or not harmful:
         raise InputError(f"harmful and benign sets must name the same conditions, got {sorted(harmful)} and "
                          f"{sorted(benign)}")
-    per_condition, benign_stats = {}, None
+    per_condition: dict[str, NeuronSet] = {}
+    benign_stats: dict[str, Moments] = {}
     for name in harmful:
         h = neuron_stats(lm, harmful[name], positions=positions, pool=pool, batch_size=batch_size, progress=progress)
         b = neuron_stats(lm, benign[name], positions=positions, pool=pool, batch_size=batch_size, progress=progress)
@@ -73,7 +74,8 @@ def locate(
                     "harmful_examples": h.metadata["examples"], "benign_examples": b.metadata["examples"]}
         per_condition[name] = select_safety_neurons(lm.params, h.stats, b.stats, score=score, ratio=ratio,
                                                     budget=budget, layers=layers, metadata=metadata)
-        benign_stats = b.stats if benign_stats is None else {k: v.merge(b.stats[k]) for k, v in benign_stats.items()}
+        merged = b.stats or {}
+        benign_stats = {k: v.merge(merged[k]) for k, v in benign_stats.items()} if benign_stats else merged
     combined = combine(per_condition.values(), how)
     combined = dataclasses.replace(combined, metadata={**combined.metadata, "combined": how,
                                                        "conditions": sorted(per_condition)})
@@ -190,7 +192,7 @@ def alignment_examples(harmful: Sequence, benign: Sequence = (), *, refusals: Ma
     """SFT pairs: each harmful prompt -> a refusal in its language; each benign prompt -> its reference answer
     (the first sentences, up to `max_chars`)."""
     out = []
-    for i, example in enumerate(harmful):
+    for example in harmful:
         replies = refusals.get(example.language)
         if not replies:
             raise InputError(f"no refusal replies for language {example.language!r} (example {example.id!r}); "
@@ -224,7 +226,7 @@ def refusal_validation(harmful: Sequence, benign: Sequence, *, batch_size: int =
 def within_length(examples: Sequence, lm, max_tokens: int) -> list:
     """The examples that take at most `max_tokens` tokens as the model's batches encode them (chat template,
     reply when present, image tokens)."""
-    lengths = token_lengths(examples, lm) if examples else []
+    lengths = token_lengths(examples, lm) if examples else np.zeros(0, int)
     return [example for example, n in zip(examples, lengths) if n <= max_tokens]
 
 
@@ -269,7 +271,8 @@ class _Stages:
     """Prints each stage of a long run with its wall time (stderr) and keeps the timings for the results."""
 
     def __init__(self, progress: bool):
-        self.progress, self.seconds, self._start = progress, {}, time.perf_counter()
+        self.progress, self._start = progress, time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -396,8 +399,9 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
                    for name, (h, b) in responses.items()}
         held = {"harmful_refusal": held_harmful, "attack_success": held_harmful, "benign_refusal": held_benign}
         # the original: its rates; every other model: {condition: {"before", "after", "change" (paired)}}
-        evaluation = {"original": {metric: rates_by_condition(flags, held[metric], seed=config.seed)
-                                   for metric, flags in refused["original"].items()}}
+        evaluation: dict[str, dict[str, Any]] = {
+            "original": {metric: rates_by_condition(flags, held[metric], seed=config.seed)
+                         for metric, flags in refused["original"].items()}}
         for name in models:
             if name == "original":
                 continue
@@ -408,11 +412,11 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
                                                        batch_size=config.batch_size, progress=progress,
                                                        seed=config.seed)
 
-    examples = {name: {"harmful": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
-                                   for e, t, r in zip(held_harmful, *responses[name][0])],
-                       "benign": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
-                                  for e, t, r in zip(held_benign, *responses[name][1])]}
-                for name in responses}
+    replies = {name: {"harmful": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
+                                  for e, t, r in zip(held_harmful, *responses[name][0])],
+                      "benign": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
+                                 for e, t, r in zip(held_benign, *responses[name][1])]}
+               for name in responses}
     return {
         "model": lm.model_id,
         "config": dataclasses.asdict(config),
@@ -427,7 +431,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
         "causal_check": {kind: _without_responses(check) for kind, check in checks.items()},
         "training": training,
         "evaluation": to_json(evaluation),
-        "responses": examples,
+        "responses": replies,
         "seconds": stage.seconds,
         "_neurons": located,
         "_models": models,

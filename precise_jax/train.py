@@ -287,18 +287,17 @@ def make_plan(lm: Pretrained, neurons: NeuronSet | None, config: TrainConfig, to
         check_for_model(neurons, lm.model_id, shape["layers"], shape["d_ff"])
         if config.mode == "random":
             neurons = random_like(neurons, config.seed)
-    if config.mode in ("masked", "random"):
+        if config.mode == "lean":
+            lean = NeuronDeltas(neurons, config.matrices)
+            deltas = lean.init(params)
+            # Weight decay acts on base + delta, as masked mode decays the whole entry: both modes then agree.
+            return Plan(deltas, params, base, lambda t, f: (f, _lm_only(lean.interceptor(t))),
+                        lambda t, f: lean.selected(f, t), lambda t, f: lean.merge(f, t), _size(deltas),
+                        neurons)
         count = trainable_count(neurons, shape["d"], config.matrices, gate_up_bias=shape["bias"])
         return _whole_tree(params, neuron_masked(base, params, neurons, config.matrices), count, neurons)
     if config.mode == "full":
         return _whole_tree(params, base, _size(params), None)
-    if config.mode == "lean":
-        lean = NeuronDeltas(neurons, config.matrices)
-        deltas = lean.init(params)
-        # Weight decay acts on base + delta, as masked mode decays the whole entry: both modes then agree.
-        return Plan(deltas, params, base, lambda t, f: (f, _lm_only(lean.interceptor(t))),
-                    lambda t, f: lean.selected(f, t), lambda t, f: lean.merge(f, t), _size(deltas),
-                    neurons)
     adapters = LoraAdapters(config.lora_rank, config.lora_alpha, config.lora_targets)
     return Plan(adapters.init(params, jax.random.key(config.seed)), params, base,
                 lambda t, f: (f, adapters.interceptor(t)), lambda t, f: t, lambda t, f: adapters.merge(f, t),
@@ -342,7 +341,7 @@ _MASKED_STEPS: dict[tuple, Callable] = {}
 
 
 def _step_for(model: nn.Module, plan: Plan, config: TrainConfig, total_steps: int) -> Callable:
-    if config.mode not in ("masked", "random"):
+    if config.mode not in ("masked", "random") or plan.neurons is None:
         return make_step(model, plan)
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k in ("optimizer", "learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "schedule",

@@ -18,8 +18,8 @@ from precise_jax.data import Example
 from precise_jax.evaluate import (
     HARM_CATEGORIES, HARMBENCH, LLAMA_GUARD_3, REFUSAL_PHRASES, LLMJudge, Verdicts, attack_success,
     before_after_by_condition, benign_behaviour, bootstrap, mean_interval, next_token_divergence, next_token_logits,
-    paired_difference, rates_by_condition, refusal_keyword_judge, refusal_logit_score, refusal_token_ids,
-    utility_cost, verdict_token_ids,
+    paired_difference, rates_by_condition, refusal_keyword_judge, refusal_logit_score, refusal_token_ids, utility_cost,
+    verdict_token_ids,
 )
 from tests.parity import randomize
 
@@ -71,7 +71,8 @@ def test_judge_formats_and_parsers():
     guard = LLAMA_GUARD_3.prompt(" How do I pick a lock? ", "First, insert a tension wrench.\n")
     assert guard.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nTask: Check if there is "
                             "unsafe content in 'Agent' messages")
-    assert "\nS1: Violent Crimes.\nS2: Non-Violent Crimes.\n" in guard and "\nS14: Code Interpreter Abuse.\n<END" in guard
+    assert "\nS1: Violent Crimes.\nS2: Non-Violent Crimes.\n" in guard
+    assert "\nS14: Code Interpreter Abuse.\n<END" in guard
     assert "User: How do I pick a lock?\n\nAgent: First, insert a tension wrench.\n\n<END CONVERSATION>" in guard
     assert guard.endswith("categories.<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
     assert len(HARM_CATEGORIES) == 14 and not LLAMA_GUARD_3.add_special_tokens

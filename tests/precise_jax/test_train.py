@@ -13,11 +13,11 @@ import torch
 import transformers
 
 from ports import CheckpointError, InputError, load_pretrained, save_pretrained
+from precise_jax import train as train_module
+from precise_jax.capture import model_inputs
 from precise_jax.data import Example
 from precise_jax.masking import neuron_masks, trainable_count
 from precise_jax.neurons import NeuronSet
-from precise_jax import train as train_module
-from precise_jax.capture import model_inputs
 from precise_jax.train import TrainConfig, make_plan, reply_nll, response_loss, train
 from tests.parity import randomize, rel_error
 
