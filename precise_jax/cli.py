@@ -282,32 +282,76 @@ def align_command(args, out) -> dict:
 
 def add_validation(p: argparse.ArgumentParser, default_every: int) -> None:
     """The checkpoint rule's options (`train.Validation`)."""
-    p.add_argument("--validate-every", type=int, default=default_every,
-                   help="steps between validation checks (greedy replies to validation prompts taken from the fitting "
-                        "split, never trained on); training stops at the first check meeting --min-refusal and "
-                        "--max-over-refusal, else keeps the check with the best margin (0: no validation; default "
-                        f"{default_every})")
-    p.add_argument("--validation", type=int, default=16, help="harmful and benign validation prompts (default 16)")
-    p.add_argument("--min-refusal", type=float, default=0.9, help="validation target: harmful refusal (0.9)")
-    p.add_argument("--max-over-refusal", type=float, default=0.1, help="validation target: benign refusal (0.1)")
+    group = p.add_argument_group("checkpoint rule")
+    group.add_argument("--validate-every", type=int, default=default_every,
+                       help="steps between validation checks (greedy replies to validation prompts taken from the "
+                            "fitting split, never trained on); training stops at the first check meeting --min-refusal "
+                            "and --max-over-refusal, else keeps the check with the best margin (0: no validation; "
+                            f"default {default_every})")
+    group.add_argument("--validation", type=int, default=16, help="harmful and benign validation prompts (default 16)")
+    group.add_argument("--min-refusal", type=float, default=0.9, help="validation target: harmful refusal (0.9)")
+    group.add_argument("--max-over-refusal", type=float, default=0.1, help="validation target: benign refusal (0.1)")
 
 
-def add_common(p: argparse.ArgumentParser, out: bool = True, split: bool = True) -> None:
-    p.add_argument("--model", help="a Hugging Face model folder (default: the cached SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--harmful", default="jbb,harmbench-standard", help="real set names (jbb, harmbench, "
-                   "harmbench-standard, advbench, do-not-answer) or JSONL/CSV/Parquet files, comma-separated")
-    p.add_argument("--benign", default="alpaca-eval", help="real set names or files, comma-separated")
-    if not split:
-        return
-    p.add_argument("--held-out", type=float, default=0.3, help="fraction of each set held out (seeded split)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use at most this many examples of each part")
-    p.add_argument("--max-tokens", type=int, default=256, help="drop examples longer than this many tokens")
-    p.add_argument("--batch-size", type=int, default=8)
-    if out:
-        p.add_argument("--out", required=True, help="output folder (written complete or not at all)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+def add_model(p: argparse.ArgumentParser, default: str = "the cached SmolLM2-135M-Instruct") -> None:
+    group = p.add_argument_group("model")
+    group.add_argument("--model", help=f"a Hugging Face model folder (default: {default})")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def add_prompt_sets(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("prompt sets")
+    group.add_argument("--harmful", default="jbb,harmbench-standard", help="real set names (jbb, harmbench, "
+                       "harmbench-standard, advbench, do-not-answer, ...; `name:path` for a local benchmark copy) "
+                       "or JSONL/CSV/Parquet files, comma-separated")
+    group.add_argument("--benign", default="alpaca-eval", help="real set names or files, comma-separated")
+
+
+def add_split(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("split and limits")
+    group.add_argument("--held-out", type=float, default=0.3, help="fraction of each set held out (seeded split)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--limit", type=int, default=None, help="use at most this many examples of each part")
+    group.add_argument("--max-tokens", type=int, default=256, help="drop examples longer than this many tokens")
+    group.add_argument("--batch-size", type=int, default=8)
+
+
+def add_output(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--out (required unless the command names a default) and --overwrite."""
+    group = p.add_argument_group("output")
+    where = f"default: {default}; " if default else ""
+    group.add_argument("--out", required=default is None,
+                       help=f"output folder ({where}written complete or not at all)")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """The options of the step commands: model, prompt sets, split and limits, output folder."""
+    add_model(p)
+    add_prompt_sets(p)
+    add_split(p)
+    add_output(p)
+
+
+def add_neuron_selection(p: argparse.ArgumentParser, *, ratio: float, positions: str = "prompt",
+                         pool: str = "mean", score: str = "plnd") -> None:
+    """How safety neurons are scored and chosen (`shield.locate`)."""
+    group = p.add_argument_group("neuron selection")
+    group.add_argument("--score", default=score, choices=["plnd", "frequency", "mean_diff", "cohen_d"])
+    group.add_argument("--ratio", type=float, default=ratio, help=f"per-layer top-k = floor(ratio * d_ff) "
+                       f"(default {ratio})")
+    group.add_argument("--budget", type=int, default=None, help="one global top-k over all layers instead of --ratio")
+    group.add_argument("--positions", default=positions, choices=["prompt", "last_prompt", "text", "all"])
+    group.add_argument("--pool", default=pool, choices=["mean", "last", "max"])
+
+
+def add_config_options(p: argparse.ArgumentParser, config, helps: dict[str, str], title: str) -> None:
+    """One option per named field of a config dataclass, typed and defaulted by the config's value."""
+    group = p.add_argument_group(title)
+    for name, help_text in helps.items():
+        default = getattr(config, name)
+        group.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
+                           default=default, help=f"{help_text} (default {default})")
 
 
 # ----------------------------------------------------------------------------------------------------- care
@@ -460,26 +504,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  precise-jax demo\n  precise-jax demo --languages en it vi zh --train-languages en it "
                "--random-seeds 5 --out runs/claims\n  precise-jax demo --model path/to/hf-folder --transfer neurons "
                "\"random neurons\"")
-    p.add_argument("--model", help="a Hugging Face folder (default: the model organism, built and cached on first "
-                   "use)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", help="report folder (default: runs/claims-<date>-<time>); written complete or not at all")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    add_model(p, default="the model organism, built and cached on first use")
+    add_output(p, default="runs/claims-<date>-<time>")
     claims = ClaimsConfig()
-    p.add_argument("--languages", nargs="+", default=list(claims.languages), help="MultiJail languages studied")
-    p.add_argument("--train-languages", nargs="+", default=list(claims.train_languages),
-                   help="transfer: align on these, the other languages are held out")
-    p.add_argument("--transfer", nargs="+", default=list(claims.transfer), choices=TRANSFER_MODELS)
-    for name, help_text in (("eval_examples", "held-out prompts per language"),
-                            ("locate_examples", "fitting prompts per language for the neuron statistics"),
-                            ("random_seeds", "random neuron sets and directions per control"),
-                            ("train_examples", "harmful -> refusal pairs per training language (and benign pairs)"),
-                            ("train_steps", "alignment steps of every transfer model"),
-                            ("max_new_tokens", "greedy tokens per reply"), ("ratio", "per-layer top-k fraction"),
-                            ("seed", "splits, data order, random sets"), ("batch_size", "prompts per batch")):
-        default = getattr(claims, name)
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                       help=f"{help_text} (default {default})")
+    group = p.add_argument_group("the claims")
+    group.add_argument("--languages", nargs="+", default=list(claims.languages), help="MultiJail languages studied")
+    group.add_argument("--train-languages", nargs="+", default=list(claims.train_languages),
+                       help="transfer: align on these, the other languages are held out")
+    group.add_argument("--transfer", nargs="+", default=list(claims.transfer), choices=TRANSFER_MODELS)
+    add_config_options(p, claims, {
+        "eval_examples": "held-out prompts per language",
+        "locate_examples": "fitting prompts per language for the neuron statistics",
+        "random_seeds": "random neuron sets and directions per control",
+        "train_examples": "harmful -> refusal pairs per training language (and benign pairs)",
+        "train_steps": "alignment steps of every transfer model",
+        "max_new_tokens": "greedy tokens per reply", "ratio": "per-layer top-k fraction",
+        "seed": "splits, data order, random sets", "batch_size": "prompts per batch"}, title="sizes")
     p.set_defaults(run=demo)
 
     p = commands.add_parser("organism", help="build (or find cached) the English-only refusing model organism",
@@ -504,64 +544,56 @@ def build_parser() -> argparse.ArgumentParser:
                "de.jsonl --refusals refusals.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_common(p, out=False, split=False)
-    p.add_argument("--out", help="report folder (default: runs/shield-<date>-<time>); written complete or not at all")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    add_model(p)
+    add_prompt_sets(p)
+    add_output(p, default="runs/shield-<date>-<time>")
     defaults = PipelineConfig()
-    p.add_argument("--languages", nargs="+", default=list(defaults.languages),
-                   help="conditions' languages; those the prompt sets lack need --translations or --apertium")
-    p.add_argument("--modalities", nargs="+", default=list(defaults.modalities),
-                   choices=["text", "typographic", "image+text"], help="conditions' modalities (images need a "
-                   "vision-language model)")
-    p.add_argument("--translations", help="a translation file or folder (columns id, language, prompt)")
-    p.add_argument("--apertium", action="store_true", help="translate missing languages with the offline "
-                   "Apertium tool (apt install apertium apertium-<pair>)")
-    p.add_argument("--refusals", help="JSON {language: [refusal reply, ...]} for languages other than English")
-    for name, help_text in (
-        ("locate_examples", "harmful and benign prompts per condition for the neuron statistics"),
-        ("train_examples", "harmful->refusal and benign->answer training pairs per condition"),
-        ("eval_examples", "held-out harmful and benign prompts per condition"),
-        ("held_out", "fraction of each prompt set held out (seeded split)"),
-        ("max_tokens", "drop prompts and training pairs longer than this many tokens"),
-        ("seed", "data split, training order and random neuron sets"),
-        ("ratio", "per-layer top-k = floor(ratio * d_ff)"),
-        ("budget", "one global top-k over all layers instead of --ratio"),
-        ("random_seeds", "random neuron sets in the causal check"),
-        ("epochs", "alignment epochs"),
-        ("learning_rate", "alignment learning rate (AdamW)"),
-        ("weight_decay", "decoupled weight decay on the trained matrices"),
-        ("max_new_tokens", "tokens generated per response (greedy)"),
-        ("batch_size", "prompts per batch"),
-        ("validate_every", "alignment steps between checks of the checkpoint rule (0: none)"),
-        ("validation_examples", "harmful and benign fitting prompts of the checkpoint rule, never trained on"),
-        ("min_refusal", "the rule: stop at the first check with harmful refusal >= this"),
-        ("max_over_refusal", "... and benign refusal <= this; else keep the check with the best margin"),
-    ):
-        default = getattr(defaults, name)
-        p.add_argument("--" + name.replace("_", "-"), type=float if isinstance(default, float) else int,
-                       default=default, help=f"{help_text} (default {default})")
-    p.add_argument("--score", default=defaults.score, choices=["plnd", "frequency", "mean_diff", "cohen_d"])
-    p.add_argument("--positions", default=defaults.positions, choices=["prompt", "last_prompt", "text", "all"])
-    p.add_argument("--pool", default=defaults.pool, choices=["mean", "last", "max"])
-    p.add_argument("--combine", default=defaults.combine, choices=["union", "intersection"],
-                   help="how the conditions' neuron sets combine")
-    p.add_argument("--ablations", nargs="+", default=list(defaults.ablations), choices=["zero", "mean", "amplify"],
-                   help="edits of the causal check (each against random sets of the same size)")
-    p.add_argument("--mode", default=defaults.mode, choices=["lean", "masked"])
-    p.add_argument("--baselines", nargs="*", default=list(defaults.baselines), choices=["random"],
-                   help="also train a random neuron set of the same size per layer, the same way")
-    p.add_argument("--save-model", action="store_true", help="also export the aligned model (HF safetensors)")
+    group = p.add_argument_group("conditions")
+    group.add_argument("--languages", nargs="+", default=list(defaults.languages),
+                       help="conditions' languages; those the prompt sets lack need --translations or --apertium")
+    group.add_argument("--modalities", nargs="+", default=list(defaults.modalities),
+                       choices=["text", "typographic", "image+text"], help="conditions' modalities (images need a "
+                       "vision-language model)")
+    group.add_argument("--translations", help="a translation file or folder (columns id, language, prompt)")
+    group.add_argument("--apertium", action="store_true", help="translate missing languages with the offline "
+                       "Apertium tool (apt install apertium apertium-<pair>)")
+    group.add_argument("--refusals", help="JSON {language: [refusal reply, ...]} for languages other than English")
+    add_config_options(p, defaults, {
+        "locate_examples": "harmful and benign prompts per condition for the neuron statistics",
+        "train_examples": "harmful->refusal and benign->answer training pairs per condition",
+        "eval_examples": "held-out harmful and benign prompts per condition",
+        "held_out": "fraction of each prompt set held out (seeded split)",
+        "max_tokens": "drop prompts and training pairs longer than this many tokens",
+        "seed": "data split, training order and random neuron sets",
+        "random_seeds": "random neuron sets in the causal check",
+        "epochs": "alignment epochs",
+        "learning_rate": "alignment learning rate (AdamW)",
+        "weight_decay": "decoupled weight decay on the trained matrices",
+        "max_new_tokens": "tokens generated per response (greedy)",
+        "batch_size": "prompts per batch",
+        "validate_every": "alignment steps between checks of the checkpoint rule (0: none)",
+        "validation_examples": "harmful and benign fitting prompts of the checkpoint rule, never trained on",
+        "min_refusal": "the rule: stop at the first check with harmful refusal >= this",
+        "max_over_refusal": "... and benign refusal <= this; else keep the check with the best margin"},
+        title="sizes and training")
+    add_neuron_selection(p, ratio=defaults.ratio, positions=defaults.positions, pool=defaults.pool,
+                         score=defaults.score)
+    group = p.add_argument_group("method")
+    group.add_argument("--combine", default=defaults.combine, choices=["union", "intersection"],
+                       help="how the conditions' neuron sets combine")
+    group.add_argument("--ablations", nargs="+", default=list(defaults.ablations), choices=["zero", "mean", "amplify"],
+                       help="edits of the causal check (each against random sets of the same size)")
+    group.add_argument("--mode", default=defaults.mode, choices=["lean", "masked"])
+    group.add_argument("--baselines", nargs="*", default=list(defaults.baselines), choices=["random"],
+                       help="also train a random neuron set of the same size per layer, the same way")
+    group.add_argument("--save-model", action="store_true", help="also export the aligned model (HF safetensors)")
     p.set_defaults(run=shield_pipeline)
 
     p = commands.add_parser("locate", help="locate safety neurons (Precise Shield stage 1)",
                             description=locate_command.__doc__,
                             epilog="example: precise-jax locate --limit 96 --ratio 0.01 --out runs/locate")
     add_common(p)
-    p.add_argument("--score", default="plnd", choices=["plnd", "frequency", "mean_diff", "cohen_d"])
-    p.add_argument("--ratio", type=float, default=0.001, help="per-layer top-k = floor(ratio * d_ff)")
-    p.add_argument("--budget", type=int, default=None, help="one global top-k over all layers instead")
-    p.add_argument("--positions", default="prompt", choices=["prompt", "last_prompt", "text", "all"])
-    p.add_argument("--pool", default="mean", choices=["mean", "last", "max"])
+    add_neuron_selection(p, ratio=0.001)
     p.set_defaults(run=locate_command)
 
     p = commands.add_parser("ablate", help="check that located neurons are causal for refusal",

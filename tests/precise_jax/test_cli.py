@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from precise_jax.cli import main
 from precise_jax.neurons import NeuronSet
 
@@ -32,3 +34,26 @@ def test_failed_command_leaves_nothing(smollm2_dir, tmp_path, capsys):
     assert code == 2
     assert "Locate neurons on this model first" in capsys.readouterr().err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ablate")]
+
+
+def test_every_command_has_help_with_examples_and_defaults_equal_the_configs(capsys):
+    import argparse
+
+    from precise_jax.claims import ClaimsConfig
+    from precise_jax.cli import build_parser, config_from
+    from precise_jax.shield import PipelineConfig
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    paths = [[name] for name in commands if name != "care"] + [["care", s] for s in ("diagnose", "fit", "generate")]
+    for path in paths:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([*path, "--help"])
+        assert exit_.value.code == 0
+        assert "example" in capsys.readouterr().out, path
+    assert config_from(parser.parse_args(["demo"]), ClaimsConfig) == ClaimsConfig()
+    assert config_from(parser.parse_args(["shield"]), PipelineConfig) == PipelineConfig()
+    changed = config_from(parser.parse_args(["demo", "--languages", "en", "it", "vi", "--ratio", "0.02"]), ClaimsConfig)
+    assert changed.languages == ("en", "it", "vi") and changed.ratio == 0.02
+    with pytest.raises(SystemExit):  # the step commands name their output folder
+        parser.parse_args(["locate"])
