@@ -8,6 +8,7 @@ Shapes: N images, C channels, S image side, P patch side, G = (S / P)^2 patches,
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING, Iterable
 
 import flax.linen as nn
 import flax.struct
@@ -16,6 +17,9 @@ import jax.numpy as jnp
 from ports.errors import InputError, UnsupportedArchitectureError
 from ports.layers import Array, Dtype, EncoderLayer, LayerNorm
 from ports.weights import CONV, Rule, mirrored
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MODEL_TYPES = ("clip_vision_model",)
 
@@ -42,7 +46,7 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
 
-def config_from_hf(hf) -> VisionConfig:
+def config_from_hf(hf: PretrainedConfig) -> VisionConfig:
     """VisionConfig from a transformers `CLIPVisionConfig` or `SiglipVisionConfig`."""
     if hf.hidden_size % hf.num_attention_heads:
         raise UnsupportedArchitectureError(
@@ -133,7 +137,7 @@ def _join(prefix: str, name: str, sep: str = ".") -> str:
     return f"{prefix}{sep}{name}" if prefix else name
 
 
-def layer_norm_rules(hf_prefix: str, port_prefix: str, names) -> list[Rule]:
+def layer_norm_rules(hf_prefix: str, port_prefix: str, names: Iterable[str]) -> list[Rule]:
     """torch LayerNorms (`weight`, `bias`) named as in HF."""
     return [Rule(f"{_join(hf_prefix, n)}.{p}", _join(port_prefix, f"{n.replace('.', '/')}/{p}", "/"))
             for n in names for p in ("weight", "bias")]

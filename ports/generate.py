@@ -10,16 +10,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.module import InterceptorContext
+from numpy.typing import ArrayLike
 
 from ports.errors import InputError
 from ports.layers import Site, default_positions
+from ports.processing import Processor
+
+if TYPE_CHECKING:
+    from ports.pretrained import Pretrained
 
 Array = jax.Array
 
@@ -55,7 +61,8 @@ def intercept_sites(hook: Hook | None, hook_params: Any, info: HookInfo) -> Iter
         yield
         return
 
-    def interceptor(next_fun, args, kwargs, context):
+    def interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                    context: InterceptorContext) -> Any:
         out = next_fun(*args, **kwargs)
         if isinstance(context.module, Site) and context.method_name == "__call__":
             return hook(hook_params, context.module.path, out, info)
@@ -73,12 +80,12 @@ class GenerationOutput:
     lengths: Array  # [B] int32: generated tokens up to and including the stop token (N if none)
     logits: Array | None = None  # [B, N, V] float32 that chose each token, when asked; 0 for steps never run
 
-    def text(self, processor) -> list[str]:
+    def text(self, processor: Processor) -> list[str]:
         """Decode each row's generated tokens (up to its length) with `skip_special_tokens=True`."""
         return decode(processor, self.tokens, self.lengths)
 
 
-def decode(processor, tokens, lengths=None) -> list[str]:
+def decode(processor: Processor, tokens: ArrayLike, lengths: ArrayLike | None = None) -> list[str]:
     """Token rows (each cut at its length) -> strings, skipping special tokens; works with tokenizers and processors."""
     tokens = np.asarray(tokens)
     lengths = np.full(len(tokens), tokens.shape[1]) if lengths is None else np.asarray(lengths)
@@ -90,7 +97,7 @@ def decode(processor, tokens, lengths=None) -> list[str]:
 
 
 def generate(
-    lm,
+    lm: Pretrained,
     batch: Mapping[str, Any],
     *,
     max_new_tokens: int,
@@ -161,7 +168,7 @@ def _special_tokens(lm, stop_tokens, pad_token) -> tuple[Array, Array]:
     if getattr(lm, "source", None) is not None and (lm.source / "generation_config.json").exists():
         generation = json.loads((lm.source / "generation_config.json").read_text())
 
-    def lookup(key):
+    def lookup(key: str) -> Any:
         value = generation.get(key)
         return lm.hf_config.get(key) if value is None else value
 
@@ -208,10 +215,10 @@ def _generate(model, hook, max_new_tokens, greedy, nucleus, return_logits,
     # The last generated token is never fed back, so T + N - 1 slots hold everything the loop writes.
     cache = model.init_cache(b, t + max_new_tokens - 1)
 
-    def choose(logits, step):
+    def choose(logits: Array, step: Array | int) -> Array:
         return _choose(logits, greedy, nucleus, temperature, top_p, jax.random.fold_in(rng, step))
 
-    def record(state, logits, step):
+    def record(state: tuple, logits: Array, step: Array | int) -> tuple:
         tokens, done, lengths, kept = state
         token = jnp.where(done, pad, choose(logits, step))
         tokens = tokens.at[:, step].set(token)
@@ -236,11 +243,11 @@ def _generate(model, hook, max_new_tokens, greedy, nucleus, return_logits,
     )
     state = record(state, out.logits[:, -1], 0)
 
-    def running(carry):
+    def running(carry: tuple) -> Array:
         step, _, (_, done, _, _) = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    def advance(carry):
+    def advance(carry: tuple) -> tuple:
         # Step s feeds token s - 1 and chooses token s; finished rows keep attending (mask 1), as in Hugging Face.
         step, cache, state = carry
         previous = jax.lax.dynamic_index_in_dim(state[0], step - 1, axis=1)  # [B, 1]

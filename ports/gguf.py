@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -103,7 +104,7 @@ def _config(meta: dict, gguf_path: Path, tied: bool) -> dict:
     """config.json contents (a LlamaConfig) from the GGUF metadata."""
     from transformers import LlamaConfig
 
-    def need(key):
+    def need(key: str) -> Any:
         if f"llama.{key}" not in meta:
             raise CheckpointError(f"{gguf_path} lacks the metadata key llama.{key}: the file is incomplete.")
         return meta[f"llama.{key}"]
@@ -211,7 +212,7 @@ def _tokenizer(meta: dict, gguf_path: Path):
     backend.add_special_tokens([AddedToken(word, special=True, normalized=False) for word in control])
     backend.add_tokens([AddedToken(word, special=False, normalized=False) for word in user_defined])
 
-    def token(key):
+    def token(key: str) -> str | None:
         index = meta.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[int(index)] if index is not None else None
 

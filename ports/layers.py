@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -185,7 +185,7 @@ class KVCache:
     length: Array  # [] int32: slots written so far
 
     @classmethod
-    def empty(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    def empty(cls, num_layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Dtype) -> "KVCache":
         zeros = lambda: jnp.zeros((batch, slots, kv_heads, head_dim), dtype)  # noqa: E731
         return cls(
             keys=tuple(zeros() for _ in range(num_layers)),
@@ -529,7 +529,7 @@ class CausalLM(nn.Module):
     config: DecoderConfig
     dtype: Dtype = jnp.float32
 
-    def setup(self):
+    def setup(self) -> None:
         self.lm = Decoder(self.config, self.dtype)
         if not self.config.tie_word_embeddings:
             self.lm_head = nn.Dense(
@@ -561,7 +561,7 @@ class CausalLM(nn.Module):
         return CausalLMOutput(logits=self.head(x), cache=cache)
 
     @nn.nowrap
-    def check_batch(self, batch) -> None:
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
         """Raise InputError for a batch this model cannot run; a text decoder accepts any (VLMs check images)."""
 
     @nn.nowrap

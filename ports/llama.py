@@ -5,8 +5,13 @@ Qwen2 and Qwen3 use the same decoder and table with other switches (see qwen2.py
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ports.layers import DecoderConfig, RopeConfig
 from ports.weights import LINEAR, Rule, mirrored
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MODEL_TYPES = ("llama", "mistral")
 
@@ -29,7 +34,7 @@ def weight_rules(config: DecoderConfig) -> list[Rule]:
     return DECODER_RULES
 
 
-def decoder_config(hf, **switches) -> DecoderConfig:
+def decoder_config(hf: PretrainedConfig, **switches: bool) -> DecoderConfig:
     """DecoderConfig from a transformers config object; `switches` set what the family fixes (biases, qk norm)."""
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     layer_types = getattr(hf, "layer_types", None)
@@ -60,6 +65,6 @@ def decoder_config(hf, **switches) -> DecoderConfig:
     return DecoderConfig(**fields)
 
 
-def config_from_hf(hf) -> DecoderConfig:
+def config_from_hf(hf: PretrainedConfig) -> DecoderConfig:
     return decoder_config(hf)
 

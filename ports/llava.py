@@ -10,7 +10,7 @@ S image side, F features per image, D the decoder's width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,9 @@ from ports.clip import VisionConfig, VisionOutput
 from ports.errors import InputError, UnsupportedArchitectureError
 from ports.layers import Array, CausalLM, CausalLMOutput, DecoderConfig, Dtype, KVCache, Site, activation
 from ports.weights import Rule, mirrored, with_prefix
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 MODEL_TYPES = ("llava",)
 
@@ -53,7 +56,7 @@ class LlavaConfig:
         return tokens - (self.select_strategy == "default")
 
 
-def composition_fields(hf) -> dict:
+def composition_fields(hf: PretrainedConfig) -> dict[str, Any]:
     """The LlavaConfig fields of a transformers LLaVA-style config (LLaVA, LLaVA-OneVision)."""
     text_type, vision_type = hf.text_config.model_type, hf.vision_config.model_type
     if text_type not in _TEXT:
@@ -81,7 +84,7 @@ def composition_fields(hf) -> dict:
     )
 
 
-def config_from_hf(hf) -> LlavaConfig:
+def config_from_hf(hf: PretrainedConfig) -> LlavaConfig:
     return LlavaConfig(**composition_fields(hf))
 
 
@@ -147,7 +150,7 @@ class Llava(CausalLM):
 
     spec: LlavaConfig | None = None
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         s = self.spec
         self.vision = _TOWERS[s.vision.model_type][0](s.vision, self.dtype)
@@ -198,7 +201,8 @@ class Llava(CausalLM):
         """[N, C, S, S] -> projected features [N, F, D] (tower, feature selection, projector)."""
         return self.projector(select_features(self.spec, self.vision(pixel_values)))
 
-    def image_values(self, order: Array, pixel_values: Array, image_sizes, batch_num_images) -> Array:
+    def image_values(self, order: Array, pixel_values: Array, image_sizes: Array | None,
+                     batch_num_images: Array | None) -> Array:
         """Feature `order[b, t]` for every position [B, T, D] (meaningful at image tokens only)."""
         if image_sizes is not None or batch_num_images is not None:
             raise InputError("LLaVA takes pixel_values only (image_sizes and batch_num_images belong to "

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
+from numpy.typing import ArrayLike
 from transformers.image_processing_utils import select_best_resolution
 
 from ports.errors import InputError, UnsupportedArchitectureError
@@ -45,7 +46,7 @@ class OnevisionConfig(LlavaConfig):
     max_tiles: int = 9  # `vision_aspect_ratio` 'anyres_max_{n}': a grid above ~n tiles of features is shrunk
 
 
-def config_from_hf(hf) -> OnevisionConfig:
+def config_from_hf(hf: transformers.PretrainedConfig) -> OnevisionConfig:
     fields = composition_fields(hf)
     if fields["select_strategy"] != "full":
         raise UnsupportedArchitectureError(
@@ -70,7 +71,7 @@ def weight_rules(config: OnevisionConfig) -> list[Rule]:
 # ----------------------------------------------------------------------------------------------------- packing
 
 
-def tiles_of(config: OnevisionConfig, image_size) -> int:
+def tiles_of(config: OnevisionConfig, image_size: ArrayLike) -> int:
     """Tiles the processor makes of an image of (height, width): the base tile plus the chosen grid's."""
     height, width = select_best_resolution([int(v) for v in image_size], [list(p) for p in config.grid_pinpoints])
     side = config.vision.image_size
@@ -90,14 +91,15 @@ def _bilinear(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.n
     return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
 
 
-def tiled_images(images: int, batch_num_images) -> list[bool]:
+def tiled_images(images: int, batch_num_images: ArrayLike | None) -> list[bool]:
     """Which images get anyres tiles: HF tiles only the images of single-image rows (all of them without counts)."""
     if batch_num_images is None:
         return [True] * images
     return [n == 1 for n in np.asarray(batch_num_images).reshape(-1).tolist() for _ in range(int(n))]
 
 
-def packing_plan(config: OnevisionConfig, image_sizes, batch_num_images, tiles: int):
+def packing_plan(config: OnevisionConfig, image_sizes: ArrayLike, batch_num_images: ArrayLike | None,
+                 tiles: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HF's pack_image_features as gathers: for every packed feature, in order, four rows of the flat projected
     tile features [N * tiles * G, D], their weights, and whether it is the newline -> (src [K, 4], weights [K, 4],
     newline [K]). Python floats, as HF's, decide every size."""
@@ -106,7 +108,7 @@ def packing_plan(config: OnevisionConfig, image_sizes, batch_num_images, tiles: 
     sizes = [tuple(int(v) for v in size) for size in np.asarray(image_sizes).reshape(-1, 2)]
     src, weights, newline = [], [], []
 
-    def emit(rows: np.ndarray, w: np.ndarray, is_newline: bool = False):
+    def emit(rows: np.ndarray, w: np.ndarray, is_newline: bool = False) -> None:
         src.append(rows.reshape(-1, 4))
         weights.append(w.reshape(-1, 4).astype(np.float32))
         newline.append(np.full(len(src[-1]), is_newline, np.float32))
@@ -139,7 +141,8 @@ def packing_plan(config: OnevisionConfig, image_sizes, batch_num_images, tiles: 
             y0, y1, wy0, wy1 = _bilinear(len(rows), len(rows))
             x0, x1, wx0, wx1 = _bilinear(len(cols), len(cols))
 
-        def flat(r, c):  # map position -> flat feature row (grid tiles follow the base tile, row-major)
+        # map position -> flat feature row (grid tiles follow the base tile, row-major)
+        def flat(r: int, c: np.ndarray) -> np.ndarray:
             r, c = rows[r], cols[c]
             return first + (1 + (r // grid) * tiles_w + c // grid) * g + (r % grid) * grid + c % grid
 
@@ -156,12 +159,13 @@ class LlavaOnevision(Llava):
     """LLaVA-OneVision for conditional generation (images); call with the processor's batch keys
     (`pixel_values` [N, M, C, S, S], `image_sizes` [N, 2], optional `batch_num_images`)."""
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         width = self.spec.text.hidden_size
         self.image_newline = self.param("image_newline", nn.initializers.normal(width**-0.5), (width,), self.dtype)
 
-    def image_values(self, order: Array, pixel_values: Array, image_sizes, batch_num_images) -> Array:
+    def image_values(self, order: Array, pixel_values: Array, image_sizes: Array | None,
+                     batch_num_images: Array | None) -> Array:
         if pixel_values.ndim != 5 or image_sizes is None:
             raise InputError(
                 f"LLaVA-OneVision takes pixel_values [images, tiles, channels, height, width] with image_sizes "
@@ -178,7 +182,7 @@ class LlavaOnevision(Llava):
             out[:min(slots, len(a))] = a[:slots]
             return out
 
-        def plan(sizes, *counts):
+        def plan(sizes: np.ndarray, *counts: np.ndarray) -> tuple[np.ndarray, ...]:
             return tuple(fit(a) for a in packing_plan(self.spec, sizes, counts[0] if counts else None, m))
 
         shapes = (jax.ShapeDtypeStruct((slots, 4), jnp.int32), jax.ShapeDtypeStruct((slots, 4), jnp.float32),

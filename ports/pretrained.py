@@ -17,12 +17,12 @@ import numpy as np
 
 from ports import llama, llava, llava_onevision, qwen2, qwen2_vl, qwen3
 from ports.errors import CheckpointError, UnsupportedArchitectureError
-from ports.layers import CausalLM
+from ports.layers import CausalLM, DecoderConfig, Dtype
 from ports.sharding import param_sharding
 from ports.weights import Checkpoint, Rule, export_tensors, flatten, load_params, load_sharded_params, write_safetensors
 
 
-def text_example(config) -> dict:
+def text_example(config: DecoderConfig) -> dict:
     """The smallest batch a decoder accepts (shape tracing only)."""
     return {"input_ids": np.zeros((1, 1), np.int32)}
 
@@ -73,11 +73,11 @@ class Pretrained:
         return family_for(self.hf_config, "model")
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         return jax.tree_util.tree_leaves(self.params)[0].dtype
 
     @property
-    def decoder(self):
+    def decoder(self) -> DecoderConfig:
         """The language model's DecoderConfig (layers, widths): the config itself for a text model, its `text` part
         for a vision-language one."""
         return getattr(self.config, "text", self.config)
@@ -124,7 +124,8 @@ def abstract_params(model: nn.Module, example: dict) -> dict[str, tuple[int, ...
     return {path: leaf.shape for path, leaf in flatten(shapes).items()}
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Pretrained:
+def load_pretrained(path: str | os.PathLike, dtype: Dtype = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+                    ) -> Pretrained:
     """Load a Hugging Face model folder (config.json + safetensors) into a port, strictly, in `dtype`.
 
     With a `mesh` (`precise_jax.distributed.make_mesh`), parameters are laid out by the logical axis rules and each

@@ -9,11 +9,18 @@ from __future__ import annotations
 import enum
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ports.errors import InputError
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+# A transformers tokenizer or processor, or a port's own processor (qwen2_vl, llava_onevision): duck-typed, as these
+# functions use only what they all share (the chat template, tokenizing, `batch_decode`, `image_token`).
+Processor = Any
 
 
 class TokenType(enum.IntEnum):
@@ -37,13 +44,13 @@ def chat_messages(prompt: str | list, response: str | None = None, system: str |
 
 
 def encode_chat(
-    tokenizer,
+    tokenizer: Processor,
     prompt: str | list[dict],
     response: str | None = None,
     system: str | None = None,
     image_token_id: int | None = None,
     *,
-    template=None,
+    template: Processor | None = None,
     expand: Callable[[str], str] | None = None,
     add_special_tokens: bool | None = False,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +137,7 @@ def pad_left(rows: Sequence[tuple[np.ndarray, np.ndarray]], pad_id: int, length:
 # ----------------------------------------------------------------------------------------------------- images
 
 
-def load_image(image, where: str):
+def load_image(image: str | os.PathLike | np.ndarray | PIL.Image.Image, where: str) -> PIL.Image.Image:
     """A path, PIL image or uint8 array [H, W(, C)] -> an RGB PIL image; transparency goes over white, as
     transformers' `convert_to_rgb` does. `where` names the example in errors."""
     import PIL.Image
@@ -146,10 +153,11 @@ def load_image(image, where: str):
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
             raise InputError(f"{where}: {path} is not a readable image ({e}); re-export or re-download it") from None
     if isinstance(image, np.ndarray):
+        array = image
         try:
-            image = PIL.Image.fromarray(image)
+            image = PIL.Image.fromarray(array)
         except (TypeError, ValueError) as e:
-            raise InputError(f"{where}: an array of {image.dtype} {image.shape} is not an image ({e}); "
+            raise InputError(f"{where}: an array of {array.dtype} {array.shape} is not an image ({e}); "
                              "give uint8 [height, width] or [height, width, 3 or 4]") from None
     if not isinstance(image, PIL.Image.Image):
         raise InputError(f"{where}: expected an image path, PIL image or uint8 array, got {type(image).__name__}")
@@ -168,7 +176,7 @@ def _rgb(image):
     return image.convert("RGB")
 
 
-def image_chat_batch(processor, examples: Sequence[Mapping], *, system: str | None = None) -> dict:
+def image_chat_batch(processor: Processor, examples: Sequence[Mapping], *, system: str | None = None) -> dict:
     """Examples {"prompt", "images" (paths, PIL images or arrays; optional), "response" (optional)} -> one
     left-padded batch: the processor's ids and pixel inputs (`pixel_values`, `image_sizes`, ...) plus `token_types`.
 

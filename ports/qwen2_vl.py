@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -31,6 +31,9 @@ from ports.layers import (
     apply_rotary, default_positions, dot_product_attention,
 )
 from ports.weights import CONV, LINEAR, Rule, mirrored
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 Array = jax.Array
 Dtype = Any
@@ -79,7 +82,7 @@ class Qwen2VLConfig:
     video_token_id: int
 
 
-def config_from_hf(hf) -> Qwen2VLConfig:
+def config_from_hf(hf: PretrainedConfig) -> Qwen2VLConfig:
     """Qwen2VLConfig / Qwen2_5_VLConfig (transformers) -> the port's config."""
     v = hf.vision_config
     rope = dict(getattr(v, "rope_parameters", None) or {})
@@ -349,7 +352,7 @@ class Qwen2VL(CausalLM):
 
     spec: Qwen2VLConfig | None = None
 
-    def setup(self):
+    def setup(self) -> None:
         super().setup()
         self.vision = VisionTower(self.spec.vision, self.dtype)
         self.projector = PatchMerger(self.spec.vision, self.dtype)
@@ -468,8 +471,8 @@ class Qwen2VLProcessor:
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
 
-    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
-                            **kwargs) -> str:
+    def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs: Any) -> str:
         """The rendered conversation, each image as one `<|image_pad|>` (expanded by `replace_image_token`)."""
         if tokenize:
             raise InputError("Qwen2VLProcessor renders text only (tokenize=False); build batches with "
@@ -482,10 +485,11 @@ class Qwen2VLProcessor:
         grid = np.asarray(image_inputs["image_grid_thw"][image_idx])
         return self.image_token * int(np.prod(grid) // self.image_processor.merge_size**2)
 
-    def batch_decode(self, rows, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+    def batch_decode(self, rows: Sequence[Sequence[int]], skip_special_tokens: bool = True, **kwargs: Any,
+                     ) -> list[str]:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
 
-    def decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, **kwargs: Any) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
 

@@ -13,9 +13,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+from numpy.typing import DTypeLike
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
@@ -70,7 +71,8 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-def mirrored(hf_prefix: str, port_prefix: str, linears=(), norms=()) -> list[Rule]:
+def mirrored(hf_prefix: str, port_prefix: str, linears: Iterable[str] = (), norms: Iterable[str] = (),
+             ) -> list[Rule]:
     """Rules for submodules named as in Hugging Face: linear layers (weight, optional bias) and norms (weight)."""
     rules = []
     for name in linears:
@@ -221,7 +223,7 @@ def load_sharded_params(
     rules: Iterable[Rule],
     expected: Mapping[str, tuple[int, ...]],
     sharding: Callable[[str, tuple[int, ...]], object],
-    dtype,
+    dtype: DTypeLike,
 ) -> dict:
     """As `load_params`, but each leaf is a global jax.Array laid out by `sharding(path, shape)`, built from the
     slices its addressable devices hold: a process reads only those bytes of the checkpoint, never whole tensors
@@ -305,7 +307,7 @@ def _transformed_shape(shape: tuple[int, ...], transform: Transform) -> tuple[in
 
 
 def _mismatch_message(folder: Path, missing, unexpected, misshaped) -> str:
-    def listing(title, items):
+    def listing(title: str, items: Sequence[str]) -> str:
         shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
         return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
 

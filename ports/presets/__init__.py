@@ -12,13 +12,19 @@ import shutil
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ports.errors import CheckpointError, InputError
+from ports.layers import Dtype
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from ports.pretrained import Pretrained
 
 PRESETS: dict[str, str] = {
     "llava-1.5-7b-hf": "llava-1.5-7b-hf.json",
@@ -36,7 +42,7 @@ def load_preset(name: str) -> dict:
     return json.loads((_FOLDER / PRESETS[name]).read_text())
 
 
-def hf_config(config: Mapping):
+def hf_config(config: Mapping[str, Any]) -> PretrainedConfig:
     """A transformers config object from config.json contents."""
     import transformers
 
@@ -46,7 +52,7 @@ def hf_config(config: Mapping):
     return transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
 
 
-def build_abstract(preset: str | Mapping, dtype=jnp.bfloat16):
+def build_abstract(preset: str | Mapping[str, Any], dtype: Dtype = jnp.bfloat16) -> Pretrained:
     """The port of a preset (or config.json contents) with abstract parameters: a `Pretrained` whose `params` are
     `jax.ShapeDtypeStruct`s; nothing is allocated. `num_params(lm.params)` counts them."""
     from ports.pretrained import Pretrained, family_for
@@ -60,7 +66,7 @@ def build_abstract(preset: str | Mapping, dtype=jnp.bfloat16):
     return Pretrained(model, params, config, None, config_dict, None)
 
 
-def num_params(params) -> int:
+def num_params(params: dict) -> int:
     """Parameters in a (possibly abstract) parameter tree."""
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
 
