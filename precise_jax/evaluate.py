@@ -328,17 +328,18 @@ def refusal_scores(lm, examples: Sequence, refusal_ids: np.ndarray, *, batch_siz
     return np.concatenate(scores)
 
 
-def text_perplexity(lm, texts: Sequence[str], *, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) of plain texts (no chat template), over all their tokens: how well a model reads a
-    language or domain."""
+def text_nll(lm, texts: Sequence[str], *, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(total next-token NLL in nats, scored tokens) of each plain text (no chat template; the first token is
+    context only). Totals over translations of the same content compare across languages and scripts, where
+    per-token perplexities do not (a byte-level script spends many easy tokens per character)."""
     from precise_jax.interventions import forward_with
 
     tokenizer = getattr(lm.processor, "tokenizer", lm.processor)
-    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts if t and t.strip()]
+    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     if not rows or max(len(r) for r in rows) < 2:
-        raise InputError("text_perplexity needs texts of at least two tokens")
+        raise InputError("text_nll needs texts of at least two tokens")
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    total, count = 0.0, 0
+    nll, count = [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(16, -(-max(len(r) for r in chunk) // 16) * 16)
@@ -348,12 +349,19 @@ def text_perplexity(lm, texts: Sequence[str], *, batch_size: int = 8) -> float:
             ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
         mask[len(chunk):, -1] = 1  # dummy rows attend to one pad token
         logits = forward_with(lm, {"input_ids": ids, "attention_mask": mask})
-        logp = np.asarray(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1))
+        logp = np.asarray(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1), np.float64)
         picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         weights = mask[:, 1:] * mask[:, :-1]
-        weights[len(chunk):] = 0
-        total, count = total - float((picked * weights).sum()), count + int(weights.sum())
-    return float(np.exp(total / count))
+        nll.append(-(picked * weights).sum(axis=1)[: len(chunk)])
+        count.append(weights.sum(axis=1)[: len(chunk)])
+    return np.concatenate(nll), np.concatenate(count)
+
+
+def text_perplexity(lm, texts: Sequence[str], *, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) of plain texts (no chat template), over all their tokens: how well a model reads a
+    domain (within one language and tokenizer; across languages compare `text_nll` totals of translations)."""
+    nll, count = text_nll(lm, [t for t in texts if t and t.strip()], batch_size=batch_size)
+    return float(np.exp(nll.sum() / count.sum()))
 
 
 # ----------------------------------------------------------------------------------------------------- LLM judges

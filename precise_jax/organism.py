@@ -31,7 +31,9 @@ ORGANISM_FILE = "organism.json"
 class OrganismConfig:
     """Everything that decides the organism (its cache key)."""
 
-    harmful: tuple[str, ...] = ("advbench", "jbb", "harmbench-standard")  # English harmful sets
+    # English harmful sets, interleaved one prompt from each in turn; of MultiJail only the English prompts of
+    # the fitting items (the claims' held-out items, every language, stay unseen)
+    harmful: tuple[str, ...] = ("multijail", "advbench", "jbb", "harmbench-standard")
     benign: tuple[str, ...] = ("alpaca-eval",)
     held_out: float = 0.3  # the pipeline's split: these held-out prompts are never trained on
     split_seed: int = 0
@@ -40,7 +42,7 @@ class OrganismConfig:
     validation: int = 24  # harmful and as many benign fitting prompts that choose the checkpoint
     max_tokens: int = 160  # training pairs longer than this are dropped
     mode: str = "full"  # "full" or "lora"
-    learning_rate: float = 5e-5
+    learning_rate: float = 2e-5  # 5e-5 gave the same validation refusal with more over-refusal (results/organism.md)
     steps: int = 120  # at most; validation may stop earlier
     batch_size: int = 8
     validate_every: int = 20
@@ -55,17 +57,26 @@ class OrganismConfig:
 
 def organism_data(lm, config: OrganismConfig) -> dict[str, list]:
     """{"train": SFT pairs, "validation_harmful", "validation_benign"} from the fitting parts of the prompt sets."""
+    from precise_jax.claims import split_by_item
     from precise_jax.data import seeded_order, sources, split_examples
     from precise_jax.shield import alignment_examples, within_length
 
     parts = {}
     for label, names, count in (("harmful", config.harmful, config.train_harmful),
                                 ("benign", config.benign, config.train_benign)):
-        examples = [e for name in names for e in sources.load_set(name)]
-        if not examples:
-            raise InputError(f"the organism's {label} prompt sets {names} are empty")
-        fit, _ = split_examples(examples, config.held_out, seed=config.split_seed)
-        fit = within_length(seeded_order(fit, config.seed), lm, config.max_tokens)
+        sets = {}
+        for name in names:
+            sets[name] = [e for e in sources.load_set(name) if e.language == "en"]
+            if not sets[name]:
+                raise InputError(f"the organism's {label} prompt set {name!r} has no English prompts")
+        # the split of the pipeline (the plain sets together) and of the claims (a multilingual set by item)
+        multilingual = {name for name, examples in sets.items() if "item" in examples[0].metadata}
+        fitting = {e.id for e in split_examples([e for n in names if n not in multilingual for e in sets[n]],
+                                                config.held_out, seed=config.split_seed)[0]}
+        for name in multilingual:
+            fitting |= {e.id for e in split_by_item(sets[name], config.held_out, config.split_seed)[0]}
+        fit = interleave([within_length(seeded_order([e for e in sets[n] if e.id in fitting], config.seed), lm,
+                                        config.max_tokens) for n in names])
         if len(fit) < config.validation + count:
             raise InputError(f"the {label} sets {names} leave {len(fit)} fitting prompts within {config.max_tokens} "
                              f"tokens; the organism needs {config.validation} for validation + {count} for training")
@@ -76,6 +87,14 @@ def organism_data(lm, config: OrganismConfig) -> dict[str, list]:
     benign_pairs = [p for p in pairs if p.label == "benign"][: config.train_benign]
     return {"train": seeded_order(harmful_pairs + benign_pairs, config.seed),
             "validation_harmful": parts["harmful"][0], "validation_benign": parts["benign"][0]}
+
+
+def interleave(lists: Sequence[Sequence]) -> list:
+    """One element of each list in turn (a, b, c, a, b, c, ...), the longer lists' rest at the end."""
+    out = []
+    for i in range(max((len(x) for x in lists), default=0)):
+        out += [x[i] for x in lists if i < len(x)]
+    return out
 
 
 def build_organism(lm, config: OrganismConfig = OrganismConfig(), *, progress: bool = True):
@@ -155,12 +174,22 @@ def read_record(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def languages_readable(lm, items: Sequence, *, batch_size: int = 8) -> dict[str, float]:
-    """{language: perplexity of the model on its prompts' text}: whether the model reads a language at all (the
-    same human-translated prompts in every language, so the numbers compare)."""
-    from precise_jax.evaluate import text_perplexity
+READABLE_RATIO = 2.0  # a language is readable when its translations cost at most this many times English's nats
+
+
+def languages_readable(lm, items: Sequence, *, batch_size: int = 8) -> dict[str, dict[str, float | bool]]:
+    """{language: {"nats": mean total NLL of its prompts, "ratio": that over English's, "readable"}}: whether the
+    model reads a language at all. The prompts are human translations of the same items, so their totals compare
+    across languages and scripts (a model that cannot read a language pays for it byte by byte); the rule:
+    readable when ratio <= READABLE_RATIO."""
+    from precise_jax.evaluate import text_nll
 
     by_language: dict[str, list[str]] = {}
     for example in items:
         by_language.setdefault(example.language, []).append(example.prompt)
-    return {lang: text_perplexity(lm, texts, batch_size=batch_size) for lang, texts in sorted(by_language.items())}
+    if "en" not in by_language:
+        raise InputError("languages_readable compares with English: the items need their English prompts")
+    nats = {lang: float(text_nll(lm, texts, batch_size=batch_size)[0].mean())
+            for lang, texts in sorted(by_language.items())}
+    return {lang: {"nats": value, "ratio": value / nats["en"], "readable": value / nats["en"] <= READABLE_RATIO}
+            for lang, value in nats.items()}

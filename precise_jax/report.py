@@ -360,7 +360,9 @@ def claims_report(report: Report, results: Mapping, *, false_positives: int = 12
                      f"{c['benign_refusal']:.2f}; targets {'met' if organism['met_targets'] else 'NOT met'})")
     lines.append(f"- languages {', '.join(config['languages'])}; MultiJail items split {1 - config['held_out']:.0%} "
                  f"/ {config['held_out']:.0%} (every language of an item on one side); {config['eval_examples']} "
-                 f"held-out prompts per language; random controls: {config['random_seeds']} seeds")
+                 f"held-out prompts per language ({results.get('held_out_items_dropped', 0)} held-out items dropped "
+                 f"because the model was trained or validated on them); random controls: {config['random_seeds']} "
+                 "seeds")
     report.text("Refusal is judged by the multilingual keyword judge on greedy replies "
                 f"({config['max_new_tokens']} tokens); intervals are 95 % bootstrap intervals over prompts.\n\n"
                 + "\n".join(lines))
@@ -369,13 +371,18 @@ def claims_report(report: Report, results: Mapping, *, false_positives: int = 12
                   for name, v in results["verdicts"].items()],
                  note="Each rule was fixed before the run; a claim that does not hold is reported as it is.")
     b = results["behaviour"]
+    readability = results["readability"]
     report.table("Behaviour per language (held-out prompts)",
-                 ["language", "perplexity of its prompts", "harmful refusal", "benign refusal (over-refusal)"],
-                 [[lang, f"{results['readability'].get(lang, float('nan')):.1f}", b["harmful"][lang]["rate"],
+                 ["language", "nats per prompt (× English)", "readable", "harmful refusal",
+                  "benign refusal (over-refusal)"],
+                 [[lang, f"{readability[lang]['nats']:.0f} (× {readability[lang]['ratio']:.2f})",
+                   "yes" if readability[lang]["readable"] else "**no**", b["harmful"][lang]["rate"],
                    b["benign"][lang]["rate"]] for lang in config["languages"]],
-                 note="Perplexity of the same human-translated MultiJail prompts in each language: a language the "
-                      "model cannot read (perplexity far above English) is no evidence either way. All languages: "
-                      + ", ".join(f"{k} {v:.0f}" for k, v in results["readability"].items()) + ".")
+                 note="Total next-token NLL of the same human-translated MultiJail prompts in each language (they "
+                      "carry the same content, so totals compare across scripts where per-token perplexities do "
+                      "not); readable when at most 2× English. A language the model cannot read is no evidence "
+                      "either way. All languages: "
+                      + ", ".join(f"{k} × {v['ratio']:.2f}" for k, v in readability.items()) + ".")
     report.table("Over-refusal (benign prompts)", ["set", "prompts", "refusal rate"],
                  [["AlpacaEval (held out)", len(b["alpaca"]["refused"]), b["alpaca"]["rate"]],
                   ["borderline-benign (benign prompts that look harmful)", len(b["borderline"]["refused"]),
@@ -415,9 +422,13 @@ def claims_report(report: Report, results: Mapping, *, false_positives: int = 12
     care = results["care"]
     report.table(f"CARE: text subspace (k={care['k']}) at {care['site']} of layers {care['layers']}; "
                  f"{care['jailbreak_prompts']} held-out English harmful prompts behind in-the-wild jailbreak "
-                 "preambles", ["run", "harmful refusal", "harmful sequence score", "benign refusal"],
-                 [[name, r["harmful"]["rate"], f"{r['harmful']['score']:.3f}", r["benign"]["rate"]]
-                  for name, r in care["runs"].items()])
+                 "preambles", ["run", "harmful refusal", "harmful sequence score", "benign refusal",
+                               "first harmful reply", "first benign reply"],
+                 [[name, r["harmful"]["rate"], f"{r['harmful']['score']:.3f}", r["benign"]["rate"],
+                   _short(r["harmful"].get("example", ""), 80), _short(r["benign"].get("example", ""), 80)]
+                  for name, r in care["runs"].items()],
+                 note="The replies show whether a strength keeps the model fluent: a refusal rate of 0 can be "
+                      "gibberish.")
     t = results["transfer"]
     languages = config["languages"]
     rows = [["original", "–", *[t["original"]["harmful"][lang] for lang in languages], t["original"]["benign"], "–"]]

@@ -363,6 +363,29 @@ def test_continuation_logprobs_match_float64_torch(tiny_chat_llama):
         np.testing.assert_allclose(first[n], np.log(p_r) - np.log1p(-p_r), rtol=1e-4, atol=1e-5)
 
 
+def test_text_nll_matches_float64_torch_and_perplexity_follows(tiny_chat_llama):
+    """Per-text total NLL (every token after the first) and scored-token counts equal float64 PyTorch on ragged,
+    left-padded batches; text_perplexity is exp of their pooled mean; no scoreable text is a clear error."""
+    from precise_jax.evaluate import text_nll, text_perplexity
+
+    lm = load_pretrained(tiny_chat_llama, dtype=jnp.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_llama, dtype=torch.float64).eval()
+    rng = np.random.default_rng()
+    words = ["river", "lamp", "quietly", "seven", "orange", "build", "why", "stone", "letter", "north"]
+    texts = [" ".join(rng.choice(words, int(rng.integers(2, 40)))) for _ in range(5)]
+    nll, count = text_nll(lm, texts, batch_size=2)
+    for n, text in enumerate(texts):
+        ids = lm.processor(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(torch.tensor([ids])).logits[0], -1).numpy()
+        assert count[n] == len(ids) - 1
+        np.testing.assert_allclose(nll[n], -sum(ref[i - 1, t] for i, t in enumerate(ids) if i), rtol=1e-5)
+    np.testing.assert_allclose(text_perplexity(lm, texts + [""], batch_size=3), np.exp(nll.sum() / count.sum()),
+                               rtol=1e-6)
+    with pytest.raises(InputError, match="at least two tokens"):
+        text_nll(lm, ["river"])
+
+
 def test_sequence_refusal_score_is_the_log_ratio_of_continuation_masses(tiny_chat_llama):
     from precise_jax.evaluate import continuation_logprobs, continuation_sets, sequence_refusal_scores
 

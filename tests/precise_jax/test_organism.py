@@ -11,6 +11,7 @@ from ports import InputError, load_pretrained
 from precise_jax.claims import ClaimsConfig, overlap_against_random, run_claims, split_by_item
 from precise_jax.data import Example, sources, split_examples
 from precise_jax.organism import OrganismConfig, organism_data, organism_folder, read_record
+from precise_jax.report import Report, claims_report
 from precise_jax.train import TrainConfig, Validation, train
 
 TINY = OrganismConfig(train_harmful=8, train_benign=8, validation=4, steps=4, validate_every=2, batch_size=4,
@@ -34,9 +35,11 @@ def test_organism_built_cached_and_recorded(tiny_chat_llama, tmp_path, monkeypat
     # nothing held out by the pipeline's split was trained on or validated on
     lm = load_pretrained(tiny_chat_llama, dtype=jnp.float32)
     held = set()
-    for names in (TINY.harmful, TINY.benign):
-        held |= {e.id for e in split_examples([x for n in names for x in sources.load_set(n)], TINY.held_out,
-                                              seed=TINY.split_seed)[1]}
+    for names in (TINY.harmful, TINY.benign):  # the pipeline's split of the plain sets, the claims' of MultiJail
+        held |= {e.id for e in split_examples([x for n in names if n != "multijail" for x in sources.load_set(n)],
+                                              TINY.held_out, seed=TINY.split_seed)[1]}
+    held |= {e.id for e in split_by_item(sources.load_set("multijail"), TINY.held_out, TINY.split_seed)[1]}
+    assert "multijail" in TINY.harmful
     used = set(record["data"]["train"]) | set(record["data"]["validation_harmful"]) | set(
         record["data"]["validation_benign"])
     assert used and not used & held
@@ -102,13 +105,15 @@ def test_overlap_against_random_sets_of_the_same_sizes():
     assert pair["random_mean"] < 0.15 < pair["observed"]
 
 
-def test_claims_end_to_end_on_a_tiny_model(tiny_chat_llama):
+def test_claims_end_to_end_on_a_tiny_model(tiny_chat_llama, tmp_path):
     lm = load_pretrained(tiny_chat_llama, dtype=jnp.float32)
     config = ClaimsConfig(languages=("en", "it"), train_languages=("en",), locate_examples=6, eval_examples=4,
                           ratio=0.1, random_seeds=2, max_new_tokens=4, direction_layers=(0, 1), direction_validation=3,
-                          train_examples=4, train_steps=2, care_k=2, batch_size=4)
+                          train_examples=4, train_steps=2, care_k=2, care_alphas=(4.0, 1.0), batch_size=4)
     results = run_claims(lm, config, progress=False)
-    assert set(results["readability"]) >= {"en", "it"} and all(v > 1 for v in results["readability"].values())
+    readability = results["readability"]
+    assert set(readability) >= {"en", "it"} and readability["en"]["ratio"] == 1 and readability["en"]["readable"]
+    assert all(v["nats"] > 0 for v in readability.values())
     assert set(results["behaviour"]["harmful"]) == {"en", "it"}
     assert results["direction"]["layer"] in (0, 1)
     assert set(results["overlap"]["pairs"]) == {"en-it"}
@@ -119,8 +124,18 @@ def test_claims_end_to_end_on_a_tiny_model(tiny_chat_llama):
     assert set(transfer["models"]) == {"neurons", "random neurons", "lora", "full"}
     assert transfer["held_out_languages"] == ["it"]
     assert transfer["models"]["neurons"]["trainable"] < transfer["models"]["full"]["trainable"]
-    assert set(results["care"]["runs"]) == {"no projection", "projection α=4"}
+    assert list(results["care"]["runs"]) == ["no projection", "projection α=4", "projection α=1"]
+    assert all(isinstance(run["harmful"]["example"], str) for run in results["care"]["runs"].values())
     assert set(results["verdicts"]) >= {"refusal direction", "safety neurons are causal (zeroing)",
                                         "CARE projection restores refusal under jailbreaks"}
+    results.pop("_located")
+    with Report(tmp_path / "claims", title="claims") as report:  # the demo's report renders every section
+        claims_report(report, results)
+        final = report.write(results)
+    text = (final / "report.md").read_text()
+    for section in ("## Verdicts", "## Behaviour per language", "## Over-refusal", "## Refusal direction",
+                    "## Causal check: zero", "## Causal check: amplify", "## Safety neurons shared", "## CARE",
+                    "## Transfer", "projection α=1"):
+        assert section in text, section
     with pytest.raises(InputError, match="proper subset"):
         ClaimsConfig(languages=("en",), train_languages=("en",))
