@@ -51,8 +51,7 @@ def organism_command(args: argparse.Namespace) -> dict:
     English, the checkpoint chosen on a validation split; prints its folder and record."""
     from precise_jax.organism import OrganismConfig, organism_folder, read_record
 
-    config = OrganismConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(OrganismConfig)
-                               if getattr(args, f.name, None) is not None and not isinstance(f.default, tuple)})
+    config = config_from(args, OrganismConfig)
     folder = organism_folder(config, args.base)
     record = read_record(folder)
     return {"folder": str(folder), "chosen_step": record["chosen_step"], "chosen": record["chosen"],
@@ -91,9 +90,10 @@ def shield_pipeline(args: argparse.Namespace) -> dict:
 
 
 def config_from(args: argparse.Namespace, config_class: type[Config]) -> Config:
-    """A config dataclass from the parsed options of the same names (lists as tuples; absent ones keep defaults)."""
+    """A config dataclass from the parsed options of the same names (lists as tuples; absent or None ones keep
+    the config's defaults)."""
     given: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)  # type: ignore
-                             if hasattr(args, f.name)}
+                             if getattr(args, f.name, None) is not None}
     return config_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()})
 
 
@@ -524,14 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("organism", help="build (or find cached) the English-only refusing model organism",
                             description=organism_command.__doc__,
-                            epilog="example: precise-jax organism --steps 120 --learning-rate 5e-5")
+                            epilog="examples:\n  precise-jax organism\n  precise-jax organism --learning-rate 5e-5 "
+                                   "--harmful advbench jbb harmbench-standard")
     p.add_argument("--base", help="the base model folder (default: the real SmolLM2-135M-Instruct)")
     organism = OrganismConfig()
     for f in dataclasses.fields(OrganismConfig):
-        if not isinstance(f.default, tuple):
-            kind = str if isinstance(f.default, str) else type(f.default)
-            p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                           help=f"(default {getattr(organism, f.name)})")
+        default = getattr(organism, f.name)
+        if isinstance(default, tuple):  # prompt sets by name
+            p.add_argument("--" + f.name.replace("_", "-"), nargs="+", default=None,
+                           help=f"(default {' '.join(default)})")
+        else:
+            p.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=None,
+                           help=f"(default {default})")
     p.set_defaults(run=organism_command)
 
     p = commands.add_parser(

@@ -41,6 +41,7 @@ def test_every_command_has_help_with_examples_and_defaults_equal_the_configs(cap
 
     from precise_jax.claims import ClaimsConfig
     from precise_jax.cli import build_parser, config_from
+    from precise_jax.organism import OrganismConfig
     from precise_jax.shield import PipelineConfig
 
     parser = build_parser()
@@ -55,5 +56,10 @@ def test_every_command_has_help_with_examples_and_defaults_equal_the_configs(cap
     assert config_from(parser.parse_args(["shield"]), PipelineConfig) == PipelineConfig()
     changed = config_from(parser.parse_args(["demo", "--languages", "en", "it", "vi", "--ratio", "0.02"]), ClaimsConfig)
     assert changed.languages == ("en", "it", "vi") and changed.ratio == 0.02
+    assert config_from(parser.parse_args(["organism"]), OrganismConfig) == OrganismConfig()
+    older = config_from(parser.parse_args(["organism", "--harmful", "advbench", "jbb", "--learning-rate", "5e-5"]),
+                        OrganismConfig)
+    assert older.harmful == ("advbench", "jbb") and older.learning_rate == 5e-5 and older.digest() != \
+        OrganismConfig().digest()
     with pytest.raises(SystemExit):  # the step commands name their output folder
         parser.parse_args(["locate"])
