@@ -72,9 +72,11 @@ def shield_pipeline(args: argparse.Namespace) -> dict:
     with Report(args.out, title="Precise Shield: safety neurons, causal check, neuron-restricted alignment",
                 overwrite=args.overwrite) as report:
         lm = load_model(args)
-        harmful, benign = prompt_set(args.harmful, "harmful"), prompt_set(args.benign, "benign")
-        config = config_from(args, PipelineConfig)
         translations, translator = conditions_input(args)
+        harmful, benign = prompt_set(args.harmful, "harmful"), prompt_set(args.benign, "benign")
+        harmful, translations = languages_as_conditions(harmful, translations)
+        benign, translations = languages_as_conditions(benign, translations)
+        config = config_from(args, PipelineConfig)
         results = run_pipeline(lm, harmful, benign, config, translations=translations, translator=translator,
                                refusals=refusal_replies(args.refusals))
         located, models = results.pop("_neurons"), results.pop("_models")
@@ -127,6 +129,18 @@ def conditions_input(args: argparse.Namespace):
 
     translations = load_translations(args.translations) if args.translations else None
     return translations, ApertiumTranslator() if args.apertium else None
+
+
+def languages_as_conditions(examples: list, translations: dict | None) -> tuple[list, dict | None]:
+    """A multilingual benchmark's examples (paired by metadata "item": MultiJail, XSafety) as one English example
+    per item plus its translations, so that --languages picks conditions from them; other examples unchanged."""
+    from precise_jax.data.benchmarks import parallel
+
+    paired = [e for e in examples if e.metadata.get("item")]
+    if not paired:
+        return examples, translations
+    base, more = parallel(paired)
+    return [e for e in examples if not e.metadata.get("item")] + base, {**(translations or {}), **more}
 
 
 def refusal_replies(path: str | None) -> dict:

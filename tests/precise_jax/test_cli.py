@@ -63,3 +63,23 @@ def test_every_command_has_help_with_examples_and_defaults_equal_the_configs(cap
         OrganismConfig().digest()
     with pytest.raises(SystemExit):  # the step commands name their output folder
         parser.parse_args(["locate"])
+
+
+def test_a_multilingual_benchmark_gives_languages_as_conditions():
+    """`--harmful multijail --languages en it vi`: one example per item, each language its human translation."""
+    from precise_jax.cli import languages_as_conditions
+    from precise_jax.data import Example, build_conditions, sources
+
+    multijail = sources.load_set("multijail")
+    plain = [Example(id="own-1", prompt="Describe a lock.", label="harmful")]
+    examples, translations = languages_as_conditions(multijail + plain, {("own-1", "it"): {"prompt": "Descrivi."},
+                                                                          ("own-1", "vi"): {"prompt": "Mô tả."}})
+    assert len(examples) == 315 + 1 and {e.language for e in examples} == {"en"}
+    grid = build_conditions(examples, ("en", "it", "vi"), translations=translations)
+    by_id = {e.id: e for e in multijail}
+    for condition, cell in grid.items():
+        for example in [e for e in cell if e.metadata["base_id"] != "own-1"]:
+            assert example.prompt == by_id[f"{example.metadata['base_id']}-{condition.language}"].prompt
+    assert [next(e.prompt for e in c if e.metadata["base_id"] == "own-1") for c in grid.values()] == [
+        "Describe a lock.", "Descrivi.", "Mô tả."]
+    assert languages_as_conditions(plain, None) == (plain, None)
