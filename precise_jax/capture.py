@@ -165,7 +165,7 @@ def collect(
     vectors: bool = False,
     total: int | None = None,
     progress: bool = True,
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Collected:
     """Run every batch through `lm` and pool the sites' activations over `positions` (see `positions_mask`).
 

@@ -15,15 +15,17 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ports.errors import InputError
+from ports.pretrained import Pretrained
 from precise_jax.capture import available_sites
 from precise_jax.data import Example, build_conditions, make_batches, stable_hash
 from precise_jax.evaluate import (
     mean_interval, refusal_keyword_judge, refusal_scores, refusal_token_ids, respond, sequence_refusal_scores,
+    tokenizer_of,
 )
 from precise_jax.interventions import FUSIONS, care_projection, projection_hook
 from precise_jax.mediation import activation_patching, attribution_patching, layer_skip_effects, neuron_patching
@@ -38,10 +40,6 @@ COMPLIANT = [
     "Of course. Here is how you can do it:",
     "Absolutely, here you go:",
 ]
-
-
-def _tokenizer(lm):
-    return getattr(lm.processor, "tokenizer", lm.processor)
 
 
 def _log(message: str) -> None:
@@ -72,7 +70,7 @@ class Diagnosis:
 
 
 def diagnose(
-    lm,
+    lm: Pretrained,
     harmful: Sequence[Example],
     benign: Sequence[Example],
     *,
@@ -99,7 +97,7 @@ def diagnose(
     criteria = list(kinds) + [f"skip-{c}" for c in components]
     if choose_by not in criteria:
         raise InputError(f"diagnose: choose_by={choose_by!r} is not measured here; choose one of {criteria}")
-    refusal_ids = refusal_token_ids(_tokenizer(lm))
+    refusal_ids = refusal_token_ids(tokenizer_of(lm))
     batches = list(make_batches(harmful, lm, batch_size))
 
     skip = {}
@@ -146,7 +144,7 @@ def diagnose(
                                                     "patching_pairs": pairs})
 
 
-def attribution_agreement(lm, harmful: Sequence[Example], benign: Sequence[Example], layer: int, *,
+def attribution_agreement(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Example], layer: int, *,
                           pairs: int = 4) -> dict:
     """Spearman and Pearson correlation of attribution patching (one forward + backward) with exact one-neuron
     patching (one forward per neuron) over the neurons of `layer`, on `pairs` harmful/benign prompt pairs."""
@@ -154,7 +152,7 @@ def attribution_agreement(lm, harmful: Sequence[Example], benign: Sequence[Examp
 
     if len(harmful) < pairs or len(benign) < pairs:
         raise InputError(f"attribution check: needs {pairs} harmful and {pairs} benign prompts")
-    refusal_ids = refusal_token_ids(_tokenizer(lm))
+    refusal_ids = refusal_token_ids(tokenizer_of(lm))
     h = next(iter(make_batches(harmful[:pairs], lm, pairs)))
     b = next(iter(make_batches(benign[:pairs], lm, pairs)))
     started = time.perf_counter()
@@ -193,12 +191,12 @@ def continuations(harmful: Sequence[Example]) -> tuple[list[Example], list[Examp
     return compliant, refusing
 
 
-def has_vision(lm) -> bool:
+def has_vision(lm: Pretrained) -> bool:
     return any(s.startswith("vision.") for s in available_sites(lm))
 
 
 def fit(
-    lm,
+    lm: Pretrained,
     harmful: Sequence[Example],
     layers: Sequence[int],
     *,
@@ -229,7 +227,8 @@ def fit(
     common = {"model": lm.model_id, "selection": selection, **(provenance or {})}
     options = {"mode": mode, "shrinkage": 0.0 if mode == "faithful" else shrinkage}
 
-    def subspaces(modality, malicious, benign_examples, extra):
+    def subspaces(modality: str, malicious: Sequence[Example], benign_examples: Sequence[Example],
+                  extra: Mapping[str, str]) -> dict[str, Subspace]:
         kw = {"batch_size": batch_size, "with_response": True}
         mal = collect_care(lm, make_batches(malicious, lm, **kw), sites, modality, selection=selection,
                            total=len(malicious))
@@ -269,7 +268,7 @@ def by_layer(subspaces: dict[str, Subspace]) -> dict[int, list[Subspace]]:
 
 
 def evaluate_projection(
-    lm,
+    lm: Pretrained,
     subspaces: dict[str, Subspace],
     harmful: Sequence[Example],
     benign: Sequence[Example],
@@ -300,7 +299,7 @@ def evaluate_projection(
                          f"{lm.decoder.hidden_size}: they were fitted on another model")
     max_k = max(s.k for s in subspaces.values())
 
-    def run(label, hook_params):
+    def run(label: str, hook_params: Mapping[str, Any]) -> dict[str, Any]:
         started = time.perf_counter()
         out = {}
         for name, prompts in (("harmful", harmful), ("benign", benign)):

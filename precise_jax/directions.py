@@ -14,7 +14,7 @@ on a model that refuses has a bug before any neuron-level claim is worth testing
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +22,10 @@ import numpy as np
 from ports.errors import InputError
 from precise_jax.interventions import ALL_TYPES, placement, projection
 from precise_jax.subspace import Subspace
+
+if TYPE_CHECKING:
+    from ports.pretrained import Pretrained
+    from precise_jax.data import Example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +45,8 @@ class Direction:
         return f"lm.layers.{self.layer}.resid"
 
 
-def refusal_direction(lm, harmful: Sequence, benign: Sequence, layer: int, *, positions: str = "last_prompt",
-                      batch_size: int = 8, progress: bool = False) -> Direction:
+def refusal_direction(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Example], layer: int, *,
+                      positions: str = "last_prompt", batch_size: int = 8, progress: bool = False) -> Direction:
     """mean(resid | harmful) − mean(resid | benign) at `lm.layers.{layer}.resid`, pooled over `positions`."""
     from precise_jax.capture import collect
     from precise_jax.data import make_batches

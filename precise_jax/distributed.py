@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from numpy.typing import DTypeLike
 
 from ports.errors import InputError
 from ports.sharding import (  # noqa: F401  (the rules, also importable from here)
@@ -42,7 +43,7 @@ MESH_PRESETS: dict[str, tuple[int, int, int]] = {
 # ----------------------------------------------------------------------------------------------------- start-up
 
 
-def initialize(**kwargs) -> bool:
+def initialize(**kwargs: Any) -> bool:
     """`jax.distributed.initialize` when this is one of several processes; returns whether it ran.
 
     With no arguments it runs when the environment describes a cluster (TPU pod workers, Slurm, Open MPI, or
@@ -128,7 +129,7 @@ def make_mesh(spec: str | Sequence[int] | Mapping[str, int] | None = None, devic
 # ----------------------------------------------------------------------------------------------------- rules
 
 
-def param_shardings(params, mesh: Mesh):
+def param_shardings(params: Any, mesh: Mesh) -> Any:
     """A tree of NamedShardings matching `params` (arrays or ShapeDtypeStructs), from the logical rules.
 
     Any tree whose leaves sit at parameter paths works: an optimizer state's moments and neuron masks (a [1, d_ff]
@@ -136,14 +137,14 @@ def param_shardings(params, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(lambda kp, leaf: param_sharding(_path(kp), leaf.shape, mesh), params)
 
 
-def abstract_sharded(params, mesh: Mesh, dtype=None):
+def abstract_sharded(params: Any, mesh: Mesh, dtype: DTypeLike | None = None) -> Any:
     """ShapeDtypeStructs carrying the rules' shardings: what sharded loading and Orbax restore fill."""
     shardings = param_shardings(params, mesh)
     return jax.tree_util.tree_map(
         lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, dtype or leaf.dtype, sharding=s), params, shardings)
 
 
-def shard_params(params, mesh: Mesh):
+def shard_params(params: Any, mesh: Mesh) -> Any:
     """Place an existing (single-host) parameter tree on the mesh by the rules."""
     return jax.device_put(params, param_shardings(params, mesh))
 
@@ -156,7 +157,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def gather(tree, mesh: Mesh):
+def gather(tree: Any, mesh: Mesh) -> Any:
     """Every leaf replicated on every device, so each process can read it whole (e.g. statistics to save)."""
     return jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
 
@@ -164,7 +165,7 @@ def gather(tree, mesh: Mesh):
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_params(directory, params) -> None:
+def save_params(directory: str | os.PathLike, params: Any) -> None:
     """Write sharded parameters with Orbax: every process writes the shards it holds (call it on all processes)."""
     import orbax.checkpoint as ocp
 
@@ -173,7 +174,7 @@ def save_params(directory, params) -> None:
         checkpointer.wait_until_finished()
 
 
-def restore_params(directory, like, mesh: Mesh):
+def restore_params(directory: str | os.PathLike, like: Any, mesh: Mesh) -> Any:
     """Read what `save_params` wrote into the rules' shardings on `mesh`; `like` gives shapes and dtypes (arrays
     or ShapeDtypeStructs). Each process reads only the shards its devices hold."""
     import orbax.checkpoint as ocp

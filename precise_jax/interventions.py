@@ -11,7 +11,7 @@ zero-ablation (a=0, b=0), mean-ablation (a=0, b=mean) and amplification (a=facto
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +25,16 @@ from precise_jax.neurons import NeuronSet
 from precise_jax.sites import site_name
 from precise_jax.stats import Moments
 
+if TYPE_CHECKING:
+    from ports.generate import Hook
+    from ports.pretrained import Pretrained
+    from precise_jax.subspace import Subspace
+
 Array = jax.Array
 ALL_TYPES = tuple(TokenType)
 
 
-def where_mask(info: HookInfo, types: Array, at_decode: Array, shape) -> Array:
+def where_mask(info: HookInfo, types: Array, at_decode: Array, shape: tuple[int, ...]) -> Array:
     """[B, T, 1] float: 1 where the edit applies (token type selected at prefill; `at_decode` for new tokens)."""
     if info.prefill and info.token_types is not None:
         where = types[jnp.clip(info.token_types.astype(jnp.int32), 0, len(ALL_TYPES) - 1)]
@@ -101,7 +106,8 @@ def _forward(model, hook, params, inputs, token_types, hook_params):
         return model.apply({"params": params}, **inputs).logits
 
 
-def forward_with(lm, batch: Mapping, hook=unit_edit_hook, hook_params=None) -> Array:
+def forward_with(lm: Pretrained, batch: Mapping, hook: Hook | None = unit_edit_hook, hook_params: Any = None,
+                 ) -> Array:
     """Logits [B, T, V] of a plain forward with `hook` applied at every site (teacher-forced scoring)."""
     inputs = model_inputs(batch)
     if "attention_mask" not in inputs:
@@ -136,7 +142,7 @@ def projection_hook(hook_params: Mapping, site_path: tuple, x: Array, info: Hook
         coords = jnp.einsum("btd,dk->btk", v - p["center"][m], u, precision=HIGHEST)
         return -p["alpha"][m] * where[m] * jnp.einsum("btk,dk->btd", coords, u, precision=HIGHEST)
 
-    def adaptive():
+    def adaptive() -> Array:
         # The official weights: w_m = ‖Δ_m‖ / (Σ ‖Δ‖ + 1e-8), applied to the corrected vectors h + Δ_m.
         deltas = [correction(m, h) for m in range(count)]
         sizes = [jnp.linalg.norm(d, axis=-1, keepdims=True) for d in deltas]
@@ -144,10 +150,10 @@ def projection_hook(hook_params: Mapping, site_path: tuple, x: Array, info: Hook
         fused = sum(s / (total + 1e-8) * (h + d) for s, d in zip(sizes, deltas))
         return jnp.where(total > 0, fused, h)  # where no correction applies, the weights would zero h
 
-    def parallel():
+    def parallel() -> Array:
         return h + sum(p["ratios"][m] * correction(m, h) for m in range(count))
 
-    def sequential():
+    def sequential() -> Array:
         v = h
         for m in range(count):
             v = v + correction(m, v)
@@ -157,8 +163,10 @@ def projection_hook(hook_params: Mapping, site_path: tuple, x: Array, info: Hook
     return jax.lax.switch(p["fusion"], [adaptive, parallel, sequential]).astype(x.dtype)
 
 
-def projection(subspaces, *, alpha=1.0, k=None, fusion: str = "adaptive", ratios=None, token_types=None,
-               at_decode=True, max_k: int | None = None) -> dict:
+def projection(subspaces: Iterable[Subspace], *, alpha: float | Sequence[float] = 1.0,
+               k: int | Sequence[int] | None = None, fusion: str = "adaptive", ratios: Sequence[float] | None = None,
+               token_types: Sequence[Iterable[int] | None] | None = None, at_decode: bool | Sequence[bool] = True,
+               max_k: int | None = None) -> dict:
     """The arrays of one site's projection h' = h − α_m U_m U_mᵀ (h − μ_m) for subspaces m (e.g. visual, text).
 
     alpha, k (leading basis columns kept), at_decode: one value or one per subspace. token_types: None (every
@@ -182,9 +190,9 @@ def projection(subspaces, *, alpha=1.0, k=None, fusion: str = "adaptive", ratios
     max_k = max(s.k for s in subs) if max_k is None else max_k
     if max_k < max(s.k for s in subs):
         raise InputError(f"projection: max_k={max_k} is smaller than a subspace's {max(s.k for s in subs)} directions")
-    ratios = np.full(count, 1.0 / count) if ratios is None else np.asarray(_per_subspace(ratios, count, "ratios"))
-    if abs(float(ratios.sum()) - 1.0) > 1e-6:
-        raise InputError(f"projection: the parallel ratios must sum to 1, got {ratios.tolist()}")
+    shares = np.full(count, 1.0 / count) if ratios is None else np.asarray(_per_subspace(ratios, count, "ratios"))
+    if abs(float(shares.sum()) - 1.0) > 1e-6:
+        raise InputError(f"projection: the parallel ratios must sum to 1, got {shares.tolist()}")
     if token_types is None:
         token_types = [None] * count
     if len(token_types) != count:
@@ -201,14 +209,14 @@ def projection(subspaces, *, alpha=1.0, k=None, fusion: str = "adaptive", ratios
         "center": jnp.asarray(np.stack([np.asarray(s.center, np.float32) for s in subs])),
         "columns": jnp.asarray(columns),
         "alpha": jnp.asarray(np.asarray(alpha, np.float32)),
-        "ratios": jnp.asarray(ratios.astype(np.float32)),
+        "ratios": jnp.asarray(shares.astype(np.float32)),
         "fusion": jnp.asarray(FUSIONS.index(fusion), jnp.int32),
         "types": jnp.stack([q["types"] for q in places]),
         "at_decode": jnp.stack([q["at_decode"] for q in places]),
     }
 
 
-def care_projection(layers: Mapping[int, Iterable], *, kind: str = "mlp.out", **options) -> dict:
+def care_projection(layers: Mapping[int, Iterable[Subspace]], *, kind: str = "mlp.out", **options: Any) -> dict:
     """hook_params projecting at `lm.layers.{l}.{kind}` with each layer's subspaces (the official code: the MLP
     output of layers 12-14 of Qwen2.5-VL-7B, visual then text subspace, α = 4, adaptive fusion)."""
     if not layers:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.module import Interceptor, InterceptorContext
 
 from ports.errors import InputError
 
@@ -58,11 +59,12 @@ class LoraAdapters:
                 }
         return out
 
-    def interceptor(self, adapters: Mapping):
+    def interceptor(self, adapters: Mapping) -> Interceptor:
         """An `nn.intercept_methods` function adding `scale * B(A x)` to the targeted language-model projections."""
         scale = self.scale
 
-        def intercept(next_fun, args, kwargs, context):
+        def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                      context: InterceptorContext) -> Any:
             out = next_fun(*args, **kwargs)
             path = context.module.path
             # path[-4] == "lm" keeps vision towers (whose blocks are also layers_{i}/mlp/gate_proj) untouched.

@@ -16,13 +16,14 @@ entry i, and row i of the down kernel ([d_ff, d], column i in Hugging Face). Two
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.linen.module import Interceptor, InterceptorContext
 
 from ports.errors import InputError
 from precise_jax.neurons import NeuronSet
@@ -96,14 +97,15 @@ def _restricted(optimizer: optax.GradientTransformation, vectors: Mapping) -> op
     The selection is state, read by `update` from its arguments: nothing neuron-specific is baked into a trace.
     """
 
-    def restrict(updates, keep):
+    def restrict(updates: optax.Updates, keep: Any) -> optax.Updates:
         return jax.tree_util.tree_map(lambda u, k: jnp.where(k, u, jnp.zeros((), u.dtype)), updates, keep)
 
-    def init(params):
+    def init(params: optax.Params) -> NeuronMaskState:
         keep = jax.tree_util.tree_map_with_path(lambda path, _: jnp.asarray(vectors[_leaf_key(path)]), params)
         return NeuronMaskState(keep, optimizer.init(params))
 
-    def update(updates, state, params=None):
+    def update(updates: optax.Updates, state: NeuronMaskState, params: optax.Params | None = None,
+               ) -> tuple[optax.Updates, NeuronMaskState]:
         updates, inner = optimizer.update(restrict(updates, state.keep), state.inner, params)
         return restrict(updates, state.keep), NeuronMaskState(state.keep, inner)
 
@@ -171,14 +173,15 @@ class NeuronDeltas:
     def indices(self) -> dict[str, Array]:
         return {f"layers_{l}": jnp.asarray(idx, jnp.int32) for l, idx in self.neurons.neurons.items()}
 
-    def interceptor(self, deltas: Mapping):
+    def interceptor(self, deltas: Mapping) -> Interceptor:
         """An `nn.intercept_methods` function adding the deltas to the gate/up/down projections they belong to.
 
         Sites (`mlp.act`, `mlp.out`) still see the modified activations, so capture and hooks keep working.
         """
         indices = self.indices()
 
-        def intercept(next_fun, args, kwargs, context):
+        def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                      context: InterceptorContext) -> Any:
             out = next_fun(*args, **kwargs)
             path = context.module.path
             if (context.method_name != "__call__" or not isinstance(context.module, nn.Dense) or len(path) < 4
