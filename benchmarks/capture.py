@@ -38,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    Child, begin as _begin, child_env, cpu_detail, cpu_model, end as _end, loadavg, logger, model_folder, peak_rss_kib,
-    pin_cpus, protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
+    Child, begin as _begin, child_env, cpu_detail, cpu_model, end as _end, loadavg, logger, parent_setup, peak_rss_kib,
+    protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
 )
 
 MEMORY_MARKS = (10, 100, 500, 1000)
@@ -344,9 +344,7 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    cpus = pin_cpus(args.threads)
-    args.threads = len(cpus)
-    args.model = model_folder(args.model)
+    cpus = parent_setup(args)
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="capture-bench-") as tmp:
         work = Path(tmp)

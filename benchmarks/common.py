@@ -134,6 +134,15 @@ def model_folder(model: str | None) -> str:
     return str(smollm2_135m_instruct())
 
 
+def parent_setup(args: argparse.Namespace) -> list[int]:
+    """The parent process's start: pin to `--threads` CPUs (`args.threads` becomes their count), resolve `--model`
+    (`model_folder`); returns the CPUs."""
+    cpus = pin_cpus(args.threads)
+    args.threads = len(cpus)
+    args.model = model_folder(args.model)
+    return cpus
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 

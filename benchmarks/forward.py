@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    Child, begin as _begin, cpu_detail, cpu_model, end as _end, logger, model_folder, peak_rss_kib, pin_cpus,
+    Child, begin as _begin, cpu_detail, cpu_model, end as _end, loadavg, logger, parent_setup, peak_rss_kib,
     protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
 )
 
@@ -275,15 +275,13 @@ def main(argv=None) -> int:
         child(args)
         return 0
 
-    cpus = pin_cpus(args.threads)
-    args.threads = len(cpus)
-    args.model = model_folder(args.model)
+    cpus = parent_setup(args)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     ids = real_text_ids(tokenizer, args.batch, args.tokens)
     log(f"input: {ids.shape[0]} × {ids.shape[1]} tokens; row 0 begins {tokenizer.decode(ids[0, :12])!r}")
-    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = loadavg()
 
     with tempfile.TemporaryDirectory(prefix="forward-bench-") as tmp:
         work = Path(tmp)
@@ -300,7 +298,7 @@ def main(argv=None) -> int:
         log("comparing logits")
         comparison = compare(work)
 
-    loadavg_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_after = loadavg()
     argv_shown = sys.argv[1:] if argv is None else list(argv)
     result = {
         **runs,
@@ -317,8 +315,8 @@ def main(argv=None) -> int:
         "cpu_detail": cpu_detail(),
         "cores": os.cpu_count(),
         "cpus": ",".join(map(str, cpus)),
-        "loadavg": loadavg,
-        "loadavg_after": loadavg_after,
+        "loadavg": load_before,
+        "loadavg_after": load_after,
         "versions": versions(),
         "command": "PYTHONPATH=. .venv/bin/python benchmarks/forward.py " + shlex.join(argv_shown),
     }

@@ -35,7 +35,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.common import (  # noqa: E402
-    Child, begin as _begin, cpu_detail, cpu_model, end as _end, loadavg, logger, model_folder, peak_rss_kib, pin_cpus,
+    Child, begin as _begin, cpu_detail, cpu_model, end as _end, loadavg, logger, parent_setup, peak_rss_kib,
     protocol_stream, replace_section, rss_kib, serve_runs, stats, versions,
 )
 
@@ -360,9 +360,7 @@ def main(argv=None) -> int:
     if args.child:
         child(args)
         return 0
-    cpus = pin_cpus(args.threads)
-    args.threads = len(cpus)
-    args.model = model_folder(args.model)
+    cpus = parent_setup(args)
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)

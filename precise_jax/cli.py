@@ -7,9 +7,16 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from precise_jax.outputs import OutputDir
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ports.pretrained import Pretrained
+    from precise_jax.data import Example
+    from precise_jax.data.conditions import Translations, Translator
 
 Config = TypeVar("Config")
 
@@ -123,7 +130,7 @@ def summarize(results: dict) -> dict:
     }
 
 
-def conditions_input(args: argparse.Namespace):
+def conditions_input(args: argparse.Namespace) -> tuple[Translations | None, Translator | None]:
     """(translations, translator) for languages other than the prompt sets' own."""
     from precise_jax.data import ApertiumTranslator, load_translations
 
@@ -131,7 +138,8 @@ def conditions_input(args: argparse.Namespace):
     return translations, ApertiumTranslator() if args.apertium else None
 
 
-def languages_as_conditions(examples: list, translations: dict | None) -> tuple[list, dict | None]:
+def languages_as_conditions(examples: list[Example], translations: Translations | None,
+                            ) -> tuple[list[Example], Translations | None]:
     """A multilingual benchmark's examples (paired by metadata "item": MultiJail, XSafety) as one English example
     per item plus its translations, so that --languages picks conditions from them; other examples unchanged."""
     from precise_jax.data.benchmarks import parallel
@@ -166,7 +174,7 @@ def refusal_replies(path: str | None) -> dict:
 # ----------------------------------------------------------------------------------------------------- shared
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace) -> Pretrained:
     import jax.numpy as jnp
 
     from ports import load_pretrained
@@ -178,7 +186,7 @@ def load_model(args: argparse.Namespace):
     return load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
 
 
-def prompt_set(spec: str, label: str) -> list:
+def prompt_set(spec: str, label: str) -> list[Example]:
     """Comma-separated real set names (jbb, harmbench, advbench, do-not-answer, alpaca-eval) or data files."""
     from pathlib import Path
 
@@ -193,7 +201,7 @@ def prompt_set(spec: str, label: str) -> list:
     return examples
 
 
-def split_sets(args: argparse.Namespace, lm, validation: int = 0):
+def split_sets(args: argparse.Namespace, lm: Pretrained, validation: int = 0) -> list[list[Example]]:
     """(harmful train, harmful held-out, benign train, benign held-out), length-filtered, limited to --limit; with
     `validation`, also (harmful validation, benign validation): that many fitting prompts never trained on."""
     from precise_jax.data import split_examples
@@ -209,10 +217,10 @@ def split_sets(args: argparse.Namespace, lm, validation: int = 0):
     return parts + checks if validation else parts
 
 
-def with_output(run):
+def with_output(run: Callable[[argparse.Namespace, Path], dict]) -> Callable[[argparse.Namespace], dict]:
     """Run a command into an OutputDir: the folder is renamed into place only when the command succeeds."""
 
-    def wrapped(args):
+    def wrapped(args: argparse.Namespace) -> dict:
         out = OutputDir(args.out, args.overwrite)
         try:
             result = run(args, out.path)
@@ -229,7 +237,7 @@ def with_output(run):
 
 
 @with_output
-def locate_command(args, out) -> dict:
+def locate_command(args: argparse.Namespace, out: Path) -> dict:
     """Locate safety neurons: harmful vs benign neuron statistics, per-layer top-k, set difference."""
     import jax
 
@@ -248,7 +256,7 @@ def locate_command(args, out) -> dict:
 
 
 @with_output
-def ablate_command(args, out) -> dict:
+def ablate_command(args: argparse.Namespace, out: Path) -> dict:
     """Causal check: refusal with the safety neurons ablated vs random sets of the same size per layer."""
     from precise_jax.neurons import NeuronSet, check_for_model
     from precise_jax.shield import causal_check
@@ -263,7 +271,7 @@ def ablate_command(args, out) -> dict:
 
 
 @with_output
-def align_command(args, out) -> dict:
+def align_command(args: argparse.Namespace, out: Path) -> dict:
     """Neuron-masked alignment: SFT on harmful -> refusal and benign -> answer, only the neurons' weights move."""
     from ports import save_pretrained
     from precise_jax.neurons import NeuronSet, check_for_model
@@ -359,7 +367,7 @@ def add_neuron_selection(p: argparse.ArgumentParser, *, ratio: float, positions:
     group.add_argument("--pool", default=pool, choices=["mean", "last", "max"])
 
 
-def add_config_options(p: argparse.ArgumentParser, config, helps: dict[str, str], title: str) -> None:
+def add_config_options(p: argparse.ArgumentParser, config: object, helps: dict[str, str], title: str) -> None:
     """One option per named field of a config dataclass, typed and defaulted by the config's value."""
     group = p.add_argument_group(title)
     for name, help_text in helps.items():
@@ -372,7 +380,7 @@ def add_config_options(p: argparse.ArgumentParser, config, helps: dict[str, str]
 
 
 @with_output
-def care_diagnose_command(args, out) -> dict:
+def care_diagnose_command(args: argparse.Namespace, out: Path) -> dict:
     """Causal diagnosis: skip layer pairs (block, attention, MLP) and patch each layer's sites from benign into
     harmful prompts; the refusal log-odds changes point to the layers CARE should project at."""
     from precise_jax.care import diagnose
@@ -386,7 +394,7 @@ def care_diagnose_command(args, out) -> dict:
 
 
 @with_output
-def care_fit_command(args, out) -> dict:
+def care_fit_command(args: argparse.Namespace, out: Path) -> dict:
     """Fit CARE's safety subspaces at the diagnosed layers: text (compliant vs refusing continuations of the same
     harmful prompts) and, for vision-language models, visual (typographic harmful images vs benign photos)."""
     from pathlib import Path
@@ -421,7 +429,7 @@ def care_fit_command(args, out) -> dict:
 
 
 @with_output
-def care_generate_command(args, out) -> dict:
+def care_generate_command(args: argparse.Namespace, out: Path) -> dict:
     """Generate on the held-out prompts with CARE's projection at every step and report refusal rates (keyword
     judge) of harmful and benign prompts before and after, for every α and k."""
     from ports.errors import InputError
@@ -441,7 +449,7 @@ def care_generate_command(args, out) -> dict:
     return {"model": args.model, "subspaces": args.subspaces, "fit": metadata, **result}
 
 
-def add_care_parser(commands) -> None:
+def add_care_parser(commands: argparse._SubParsersAction) -> None:
     care = commands.add_parser(
         "care", help="CARE: causal diagnosis, safety subspaces, projection at inference",
         description="CARE in three steps: `diagnose` finds the layers, `fit` learns safety subspaces there from "

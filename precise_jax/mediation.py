@@ -21,15 +21,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.module import InterceptorContext
 
 from ports.errors import InputError
 from ports.generate import HookInfo, decode, generate, intercept_sites
+from ports.layers import KVCache
 from ports.pretrained import Pretrained
 from precise_jax.capture import available_sites, capture, model_inputs, row_info
 from precise_jax.evaluate import refusal_logit_score
@@ -99,7 +101,8 @@ def _skip_interceptor(component: str, variant: str, skip: Array):
     target, depth = {"block": (None, 0), "attn": ("self_attn", 1), "mlp": ("mlp", 1)}[component]
     carried: dict = {}  # the official MLP skip forwards the last non-skipped layer's MLP output within this call
 
-    def interceptor(next_fun, args, kwargs, context):
+    def interceptor(next_fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                    context: InterceptorContext) -> Any:
         path = context.module.path
         layer = _lm_layer(path, depth) if context.method_name == "__call__" else None
         if layer is None or (target is not None and path[-1] != target):
@@ -136,11 +139,11 @@ class _Skipping(nn.Module):
             return self.inner(*args, **kwargs)
 
     @nn.nowrap
-    def init_cache(self, batch: int, slots: int):
+    def init_cache(self, batch: int, slots: int) -> KVCache:
         return self.inner.init_cache(batch, slots)
 
     @nn.nowrap
-    def check_batch(self, inputs) -> None:
+    def check_batch(self, inputs: Mapping[str, Any]) -> None:
         if hasattr(self.inner, "check_batch"):
             self.inner.check_batch(inputs)
 
@@ -222,14 +225,14 @@ def layer_skip_effects(
         decoder = functools.partial(decode, lm.processor)
     ids = _token_ids(refusal_ids, lm)
 
-    def measure(model_lm):
+    def measure(model_lm: Pretrained) -> tuple[float, float | None]:
         scores, refused = [], []
         for batch in batches:
             inputs, token_types = _split(batch)
             valid, _ = row_info(batch)  # data-layer batches end with dummy rows
             scores.append(np.asarray(_scores(model_lm.model, None, model_lm.params, inputs, token_types, {},
                                              ids))[valid])
-            if judge is not None:
+            if judge is not None and decoder is not None:  # a judge always has a decoder by now
                 out = generate(model_lm, dict(batch), max_new_tokens=max_new_tokens)
                 texts = decoder(np.asarray(out.tokens), np.asarray(out.lengths))
                 refused.append(np.asarray(list(judge(texts)), bool)[valid])
@@ -310,7 +313,7 @@ def activation_patching(
     inputs, token_types = _split(harmful)
     values = _site_values(lm, benign, sites, pos_b)
 
-    def params(on: str | None):
+    def params(on: str | None) -> dict[str, Any]:
         return {"positions": jnp.asarray(pos_h),
                 "sites": {s: {"value": values[s], "mask": jnp.float32(s == on)} for s in sites}}
 
@@ -323,7 +326,7 @@ def activation_patching(
 def _unit_scores(model, params, inputs, token_types, values, positions, masks, refusal_ids):
     """Mean refusal log-odds [C] with each of C unit sets patched; masks {site: [C, W]}."""
 
-    def one(mask):
+    def one(mask: Mapping[str, Array]) -> Array:
         hook_params = {"positions": positions,
                        "sites": {s: {"value": values[s], "mask": mask[s]} for s in values}}
         return jnp.mean(_scores(model, _patch_hook, params, inputs, token_types, hook_params, refusal_ids))
@@ -368,8 +371,8 @@ def neuron_patching(
 def _attribution(model, params, inputs, token_types, values, positions, refusal_ids):
     seen = {}
 
-    def score(deltas):
-        def hook(hook_params, site_path, x, info):
+    def score(deltas: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        def hook(hook_params: Mapping[str, Array], site_path: tuple[str, ...], x: Array, info: HookInfo) -> Array:
             name = site_name(site_path)
             if name not in hook_params:
                 return x

@@ -11,13 +11,15 @@ import dataclasses
 import re
 import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ports.errors import InputError
-from precise_jax.capture import collect
-from precise_jax.data import make_batches, stable_hash, token_lengths
+from ports.pretrained import Pretrained
+from precise_jax.capture import Collected, collect
+from precise_jax.data import Example, make_batches, stable_hash, token_lengths
+from precise_jax.data.conditions import Translations, Translator
 from precise_jax.evaluate import mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores
 from precise_jax.interventions import neuron_ablation, unit_edit_hook
 from precise_jax.neurons import NeuronSet, combine, overlap_matrix, random_like, select_safety_neurons
@@ -35,8 +37,8 @@ class Located:
     benign_stats: dict[str, Moments]
 
 
-def neuron_stats(lm, examples: Sequence, *, positions: str = "prompt", pool: str = "mean", batch_size: int = 8,
-                 progress: bool = True):
+def neuron_stats(lm: Pretrained, examples: Sequence[Example], *, positions: str = "prompt", pool: str = "mean",
+                 batch_size: int = 8, progress: bool = True) -> Collected:
     """Streaming statistics of every layer's neurons (`lm.layers.{l}.mlp.act`) over a prompt set."""
     if not examples:
         raise InputError("empty prompt set: there is nothing to collect statistics from")
@@ -46,7 +48,7 @@ def neuron_stats(lm, examples: Sequence, *, positions: str = "prompt", pool: str
 
 
 def locate(
-    lm,
+    lm: Pretrained,
     harmful: Mapping[str, Sequence],
     benign: Mapping[str, Sequence],
     *,
@@ -72,9 +74,9 @@ def locate(
         metadata = {"model": lm.model_id, "condition": name, "positions": positions, "pool": pool,
                     "harmful_data": h.metadata["data"], "benign_data": b.metadata["data"],
                     "harmful_examples": h.metadata["examples"], "benign_examples": b.metadata["examples"]}
-        per_condition[name] = select_safety_neurons(lm.params, h.stats, b.stats, score=score, ratio=ratio,
+        h_stats, merged = h.stats or {}, b.stats or {}  # neuron_stats always collects them
+        per_condition[name] = select_safety_neurons(lm.params, h_stats, merged, score=score, ratio=ratio,
                                                     budget=budget, layers=layers, metadata=metadata)
-        merged = b.stats or {}
         benign_stats = {k: v.merge(merged[k]) for k, v in benign_stats.items()} if benign_stats else merged
     combined = combine(per_condition.values(), how)
     combined = dataclasses.replace(combined, metadata={**combined.metadata, "combined": how,
@@ -83,7 +85,7 @@ def locate(
 
 
 def causal_check(
-    lm,
+    lm: Pretrained,
     neurons: NeuronSet,
     harmful: Sequence,
     *,
@@ -106,7 +108,7 @@ def causal_check(
     if unedited is not None and len(unedited) != len(harmful):
         raise InputError(f"{len(unedited)} unedited responses for {len(harmful)} prompts")
 
-    def measure(label, params, texts=None):
+    def measure(label: str, params: Mapping[str, Any], texts: list[str] | None = None) -> dict[str, Any]:
         if texts is None:
             texts = respond(lm, harmful, batch_size=batch_size, max_new_tokens=max_new_tokens, hook=unit_edit_hook,
                             hook_params=params, progress=progress, description=label)
@@ -122,8 +124,8 @@ def causal_check(
     controls = [measure(f"random set {s}", neuron_ablation(random_like(neurons, s), kind, means=means))
                 for s in range(random_seeds)]
 
-    def summary(results):
-        out = {}
+    def summary(results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+        out: dict[str, float] = {}
         for key in ("refusal_rate", "refusal_score", "refusal_logit"):
             values = np.array([r[key] for r in results])
             out |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std())}
@@ -205,14 +207,14 @@ def alignment_examples(harmful: Sequence, benign: Sequence = (), *, refusals: Ma
     return out
 
 
-def refusal_validation(harmful: Sequence, benign: Sequence, *, batch_size: int = 8, max_new_tokens: int = 32,
-                       progress: bool = False):
+def refusal_validation(harmful: Sequence[Example], benign: Sequence[Example], *, batch_size: int = 8,
+                       max_new_tokens: int = 32, progress: bool = False) -> Callable[[Pretrained], dict[str, float]]:
     """A `train.Validation` measure: greedy replies of a model to validation prompts, judged by the keyword judge
     -> {"harmful_refusal", "benign_refusal"}."""
     if not harmful or not benign:
         raise InputError("the validation split needs harmful and benign prompts")
 
-    def measure(model) -> dict[str, float]:
+    def measure(model: Pretrained) -> dict[str, float]:
         rates = {}
         for key, examples in (("harmful_refusal", harmful), ("benign_refusal", benign)):
             texts = respond(model, examples, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -223,7 +225,7 @@ def refusal_validation(harmful: Sequence, benign: Sequence, *, batch_size: int =
     return measure
 
 
-def within_length(examples: Sequence, lm, max_tokens: int) -> list:
+def within_length(examples: Sequence[Example], lm: Pretrained, max_tokens: int) -> list[Example]:
     """The examples that take at most `max_tokens` tokens as the model's batches encode them (chat template,
     reply when present, image tokens)."""
     lengths = token_lengths(examples, lm) if examples else np.zeros(0, int)
@@ -286,8 +288,9 @@ class _Stages:
                   file=sys.stderr, flush=True)
 
 
-def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig = PipelineConfig(), *,
-                 translations=None, translator=None, refusals: Mapping[str, Sequence[str]] = REFUSALS,
+def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Example],
+                 config: PipelineConfig = PipelineConfig(), *, translations: Translations | None = None,
+                 translator: Translator | None = None, refusals: Mapping[str, Sequence[str]] = REFUSALS,
                  progress: bool = True) -> dict:
     """Precise Shield end to end on one model: locate safety neurons per condition, check that ablating them
     changes refusal more than random sets of the same size, align by neuron-restricted fine-tuning, and evaluate
@@ -344,7 +347,7 @@ def run_pipeline(lm, harmful: Sequence, benign: Sequence, config: PipelineConfig
     held_harmful = [e for cond in conditions for e in cell("harmful", "held_out")[cond]]
     held_benign = [e for cond in conditions for e in cell("benign", "held_out")[cond]]
 
-    def answers(model, examples, description):
+    def answers(model: Pretrained, examples: Sequence[Example], description: str) -> tuple[list[str], np.ndarray]:
         texts = respond(model, examples, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                         progress=progress, description=description)
         return texts, refusal_keyword_judge(texts, [e.language for e in examples])

@@ -19,18 +19,22 @@ import dataclasses
 import functools
 import json
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
+from jax.typing import ArrayLike, DTypeLike
 from safetensors.numpy import load_file, save_file
 
 from ports.errors import InputError, PreciseJaxError
 from ports.processing import TokenType
 from precise_jax.capture import Collected, collect
 from precise_jax.stats import Moments
+
+if TYPE_CHECKING:
+    from ports.pretrained import Pretrained
 
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -78,13 +82,13 @@ def _faithful_eigh(cov_b: Array, cov_m: Array, eps: Array):
         return lam[::-1], u, s
 
 
-def shrink(b, gamma: float) -> Array:
+def shrink(b: ArrayLike, gamma: float) -> Array:
     """Ledoit-Wolf-style shrinkage toward the scaled identity: (1−γ) b + γ (tr b / d) I."""
     b = _float(b)
     return (1 - gamma) * b + gamma * jnp.trace(b) / b.shape[0] * jnp.eye(b.shape[0], dtype=b.dtype)
 
 
-def generalized_eigh(a, b, *, k: int | None = None, ridge: float = 0.0, shrinkage: float = 0.0
+def generalized_eigh(a: ArrayLike, b: ArrayLike, *, k: int | None = None, ridge: float = 0.0, shrinkage: float = 0.0
                      ) -> tuple[Array, Array]:
     """Top-k (default all) solutions of a v = λ b' v, λ descending: (λ [k], v [d, k]) with vᵀ b' v = I.
 
@@ -98,7 +102,8 @@ def generalized_eigh(a, b, *, k: int | None = None, ridge: float = 0.0, shrinkag
     return w[:k], v[:, :k]
 
 
-def faithful_eigh(cov_benign, cov_malicious, *, k: int, eps: float = FAITHFUL_EPS) -> tuple[Array, Array]:
+def faithful_eigh(cov_benign: ArrayLike, cov_malicious: ArrayLike, *, k: int, eps: float = FAITHFUL_EPS,
+                  ) -> tuple[Array, Array]:
     """The official CARE basis from two covariances: (λ [k], U [d, k]) with unit-norm, non-orthogonal columns."""
     b, a = _check_pair(cov_benign, cov_malicious, "faithful_eigh", names=("benign", "malicious"))
     d = a.shape[0]
@@ -201,9 +206,9 @@ def build_subspace(
     mode: str = "orthonormal",
     ridge: float | None = None,
     shrinkage: float = 0.0,
-    center=None,
+    center: ArrayLike | None = None,
     counts: tuple[int, int] | None = None,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
     site: str = "",
     modality: str = "",
     provenance: Mapping | None = None,
@@ -482,7 +487,7 @@ class CarePool:
         return _pool(acts, w), jnp.any(real, axis=1).astype(jnp.float32)
 
 
-def care_vectors(acts: Array, batch: Mapping, modality: str, *, selection: str = "kernel", **options) -> Array:
+def care_vectors(acts: Array, batch: Mapping, modality: str, *, selection: str = "kernel", **options: float) -> Array:
     """acts [B, T, D] of one site -> CARE's per-example vectors [B, D] (kernel-selected or mean-pooled tokens)."""
     pool = CarePool(modality, selection, **options)
     real = _real_tokens(batch)
@@ -495,7 +500,7 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 
 
 def collect_care(
-    lm,
+    lm: Pretrained,
     batches: Iterable[Mapping],
     sites: Iterable[str],
     modality: str,
@@ -505,7 +510,7 @@ def collect_care(
     vectors: bool = False,
     total: int | None = None,
     progress: bool = True,
-    **options,
+    **options: float,
 ) -> Collected:
     """CARE's per-example vectors of `modality` at each site (scores from that site's own activations), as
     streaming Moments (with covariance, for build_subspace) and/or kept vectors [examples, width]."""

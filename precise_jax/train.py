@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.linen.module import InterceptorContext
 from tqdm.auto import tqdm
 
 from ports.errors import CheckpointError, InputError
@@ -186,7 +187,7 @@ def reply_nll(head: Callable, hidden: jax.Array, input_ids: jax.Array, token_typ
     targets = jnp.pad(input_ids[:, 1:].reshape(-1).astype(jnp.int32)[index], (0, pad)).reshape(chunks, rows)
     weights = (jnp.arange(chunks * rows) < count).astype(jnp.float32).reshape(chunks, rows)
 
-    def chunk_nll(h, y, w):
+    def chunk_nll(h: jax.Array, y: jax.Array, w: jax.Array) -> jax.Array:
         logits = head(h[None])[0].astype(jnp.float32)  # [rows, V]
         picked = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
         return (jax.nn.logsumexp(logits, axis=-1) - picked) * w
@@ -194,7 +195,7 @@ def reply_nll(head: Callable, hidden: jax.Array, input_ids: jax.Array, token_typ
     if chunks == 1:
         nll = chunk_nll(states[0], targets[0], weights[0])
     else:
-        def chunk_or_skip(chunk):
+        def chunk_or_skip(chunk: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
             h, y, w, first = chunk
             return jax.lax.cond(first < count, chunk_nll, lambda h, y, w: jnp.zeros_like(w), h, y, w)
 
@@ -268,7 +269,8 @@ def _whole_tree(params, optimizer, count, neurons) -> Plan:
 def _lm_only(interceptor):
     """Restrict an interceptor to the language model: vision towers also have layers_{i}/mlp/gate_proj modules."""
 
-    def intercept(next_fun, args, kwargs, context):
+    def intercept(next_fun: Callable[..., Any], args: tuple, kwargs: dict[str, Any],
+                  context: InterceptorContext) -> Any:
         if context.module.path[:1] != ("lm",):
             return next_fun(*args, **kwargs)
         return interceptor(next_fun, args, kwargs, context)
@@ -309,7 +311,7 @@ def _apply_updates(params, updates):
     return jax.tree_util.tree_map(lambda p, u: jnp.where(u == 0, p, (p + u).astype(p.dtype)), params, updates)
 
 
-def make_step(model: nn.Module, plan: Plan):
+def make_step(model: nn.Module, plan: Plan) -> Callable:
     """The jitted step (trained, opt_state, frozen, inputs, token_types) -> (trained, opt_state, loss).
 
     `trained` and `opt_state` are donated: pass the returned ones to the next call.
@@ -317,17 +319,19 @@ def make_step(model: nn.Module, plan: Plan):
     # Only the plan's functions, never the plan: a cached step must not keep a copy of the parameters alive.
     weights, optimizer, decay_params = plan.weights, plan.optimizer, plan.decay_params
 
-    def loss_fn(trained, frozen, inputs, token_types):
+    def loss_fn(trained: Any, frozen: Any, inputs: Mapping[str, Any], token_types: jax.Array) -> jax.Array:
         params, interceptor = weights(trained, frozen)
         with contextlib.ExitStack() as stack:
             if interceptor is not None:
                 stack.enter_context(nn.intercept_methods(interceptor))
             with nn.intercept_methods(_final_hidden_states):
-                hidden = model.apply({"params": params}, **inputs).logits  # [B, T, D]
+                output: Any = model.apply({"params": params}, **inputs)  # no `mutable`: the output alone
+                hidden = output.logits  # [B, T, D]
             head = functools.partial(model.apply, {"params": params}, method="head")
             return reply_nll(head, hidden, inputs["input_ids"], token_types, model.config.vocab_size)
 
-    def step(trained, opt_state, frozen, inputs, token_types):
+    def step(trained: Any, opt_state: optax.OptState, frozen: Any, inputs: Mapping[str, Any],
+             token_types: jax.Array) -> tuple[Any, optax.OptState, jax.Array]:
         loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, inputs, token_types)
         updates, opt_state = optimizer.update(grads, opt_state, decay_params(trained, frozen))
         return _apply_updates(trained, updates), opt_state, loss

@@ -49,6 +49,26 @@ def torch_sites(layers, prefix: str = "lm", down_proj: str = "down_proj"):
             h.remove()
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run torch on one thread within the context: two threads on two busy cores spin-wait, and tiny models run
+    many times faster on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torch_logits(model: torch.nn.Module, batch: dict) -> np.ndarray:
+    """Logits [B, T, V] of an uncached torch forward over a left-padded batch (positions count real tokens)."""
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
+                     position_ids=torch.tensor(np.where(mask == 1, np.cumsum(mask, 1) - 1, 0))).logits.numpy()
+
+
 def left_padded_batch(rng: np.random.Generator, vocab: int, lengths: list[int], avoid=()) -> dict:
     """Random token ids, left-padded to the longest length, with the attention mask and HF-style positions."""
     width = max(lengths)

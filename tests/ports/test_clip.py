@@ -1,18 +1,13 @@
 """CLIP vision tower vs Hugging Face `CLIPVisionModel` on real photos: every hidden state, pooled output and site."""
 
-import functools
-
-import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax.traverse_util import flatten_dict
 
 from ports import clip
-from precise_jax.sites import site_name
-from tests.parity import randomize, rel_error, torch_sites
-from tests.ports.vlm import is_site, load_tower, photos
+from tests.parity import randomize, rel_error
+from tests.ports.vlm import load_tower, photos, tower_parity
 
 TOL = 1e-5
 CONFIG = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=42,
@@ -34,16 +29,8 @@ def tower(tmp_path_factory):
 
 
 def test_hidden_states_pooled_and_sites_match_pytorch(tower):
-    hf, module, params, pixels = tower
-    with torch.no_grad(), torch_sites(hf.encoder.layers, "vision", down_proj="fc2") as expected:
-        ref = hf(torch.tensor(pixels), output_hidden_states=True)
-    out, state = jax.jit(functools.partial(module.apply, capture_intermediates=is_site))({"params": params}, pixels)
-    assert len(out.hidden_states) == len(ref.hidden_states) == CONFIG["num_hidden_layers"] + 1
-    for ours, theirs in zip(out.hidden_states, ref.hidden_states):
-        assert rel_error(ours, theirs.numpy()) <= TOL
-    assert rel_error(out.last_hidden_state, ref.last_hidden_state.numpy()) <= TOL
+    out, ref, sites, expected = tower_parity(*tower, CONFIG["num_hidden_layers"], TOL)
     assert rel_error(out.pooled, ref.pooler_output.numpy()) <= TOL
-    sites = {site_name(("vision", *path[:-1])): v[0] for path, v in flatten_dict(state["intermediates"]).items()}
     assert set(sites) == set(expected)
     errors = {name: rel_error(sites[name], expected[name]) for name in expected}
     assert max(errors.values()) <= TOL, errors

@@ -17,7 +17,7 @@ import transformers
 
 from ports import InputError, load_pretrained
 from ports.generate import GenerationOutput, HookInfo, _generate, generate, intercept_sites
-from tests.parity import left_padded_batch, randomize, rel_error
+from tests.parity import left_padded_batch, one_torch_thread, randomize, rel_error
 
 TOL = 1e-5
 N = 24  # new tokens
@@ -87,9 +87,6 @@ def pick_eos(tokens, prompts) -> int:
 def models(tmp_path_factory):
     """case -> namespace(hf, lm, batch, eos, expected, scores), built once per module."""
     built = {}
-    # Two torch threads on two busy cores spin-wait: tiny models run ~30x faster on one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     def get(case):
         if case not in built:
@@ -114,8 +111,8 @@ def models(tmp_path_factory):
             )
         return built[case]
 
-    yield get
-    torch.set_num_threads(threads)
+    with one_torch_thread():  # tiny models run ~30x faster on one thread
+        yield get
 
 
 # ----------------------------------------------------------------------------------------------------- greedy

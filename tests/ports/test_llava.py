@@ -16,9 +16,9 @@ from ports import InputError, generate, load_pretrained, save_pretrained
 from ports.processing import TokenType, image_chat_batch
 from precise_jax import capture
 from precise_jax.capture import available_sites
-from tests.parity import randomize, rel_error, torch_sites
+from tests.parity import one_torch_thread, randomize, rel_error, torch_sites
 from tests.ports.vlm import (
-    LLAVA_TEMPLATE, assert_no_ties, hf_batch, hf_inputs, logits as forward, photos, tiny_tokenizer,
+    LLAVA_TEMPLATE, check_greedy_generation, hf_batch, hf_inputs, logits as forward, photos, tiny_tokenizer,
 )
 
 TOL = 1e-5
@@ -73,16 +73,14 @@ def build(variant: str, seed: int, tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     built = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: two threads on two busy cores only spin
 
     def get(variant):
         if variant not in built:
             built[variant] = build(variant, list(VARIANTS).index(variant) + 3, tmp_path_factory)
         return built[variant]
 
-    yield get
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield get
 
 
 # ----------------------------------------------------------------------------------------------------- processor
@@ -185,19 +183,8 @@ def test_text_only_batch_matches_pytorch(models):
 def test_greedy_generation_with_images_matches_hf_generate(models):
     m = models("llava-1.5")
     batch = image_chat_batch(m.processor, examples())
-    with torch.no_grad():
-        out = m.hf.generate(**{k: v for k, v in hf_inputs(batch).items() if k != "position_ids"},
-                            max_new_tokens=N, do_sample=False, eos_token_id=None,
-                            pad_token_id=m.processor.tokenizer.pad_token_id,
-                            output_scores=True, return_dict_in_generate=True)
-    expected = out.sequences[:, batch["input_ids"].shape[1]:].numpy()
-    scores = torch.stack(out.scores, axis=1).numpy()
-    assert expected.shape == (4, N)
-    assert_no_ties(scores)
-
-    ours = generate(m.lm, batch, max_new_tokens=N, stop_tokens=[], return_logits=True)
-    np.testing.assert_array_equal(np.asarray(ours.tokens), expected)
-    assert rel_error(np.asarray(ours.logits), scores) <= TOL
+    assert len(batch["input_ids"]) == 4
+    check_greedy_generation(m, batch, N, TOL)
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints

@@ -15,9 +15,9 @@ from ports.llava_onevision import LlavaOnevisionProcessor, packing_plan, tiled_i
 from ports.processing import TokenType, image_chat_batch
 from precise_jax import capture
 from precise_jax.capture import available_sites
-from tests.parity import randomize, rel_error, torch_sites
+from tests.parity import one_torch_thread, randomize, rel_error, torch_sites
 from tests.ports.vlm import (
-    ONEVISION_TEMPLATE, assert_no_ties, hf_batch, hf_inputs, logits as forward, photos, tiny_tokenizer,
+    ONEVISION_TEMPLATE, check_greedy_generation, hf_batch, hf_inputs, logits as forward, photos, tiny_tokenizer,
 )
 
 TOL = 1e-5
@@ -77,10 +77,8 @@ def build(tmp_path_factory, seed: int = 7):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: two threads on two busy cores only spin
-    yield build(tmp_path_factory)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield build(tmp_path_factory)
 
 
 def test_examples_cover_every_packing_case(model):
@@ -163,18 +161,8 @@ def test_without_batch_num_images_every_image_is_tiled(model):
 
 def test_greedy_generation_with_images_matches_hf_generate(model):
     batch = image_chat_batch(model.processor, examples())
-    with torch.no_grad():
-        out = model.hf.generate(**{k: v for k, v in hf_inputs(batch).items() if k != "position_ids"},
-                                max_new_tokens=N, do_sample=False, eos_token_id=None,
-                                pad_token_id=model.processor.tokenizer.pad_token_id,
-                                output_scores=True, return_dict_in_generate=True)
-    expected = out.sequences[:, batch["input_ids"].shape[1]:].numpy()
-    scores = torch.stack(out.scores, axis=1).numpy()
-    assert expected.shape == (6, N)
-    assert_no_ties(scores)
-    ours = generate(model.lm, batch, max_new_tokens=N, stop_tokens=[], return_logits=True)
-    np.testing.assert_array_equal(np.asarray(ours.tokens), expected)
-    assert rel_error(np.asarray(ours.logits), scores) <= TOL
+    assert len(batch["input_ids"]) == 6
+    check_greedy_generation(model, batch, N, TOL)
 
 
 def test_model_refuses_batches_that_do_not_fit_their_images(model):

@@ -2,8 +2,8 @@
 block between windowed ones) and real photos: logits and every site, batched greedy generation, text-only batches."""
 
 import pytest
-import torch
 
+from tests.parity import one_torch_thread
 from tests.ports import qwen_vl_support as support, vlm
 
 KIND = "qwen2_5_vl"
@@ -11,10 +11,8 @@ KIND = "qwen2_5_vl"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two torch threads on two busy cores spin-wait: tiny models run faster on one
-    yield support.build(KIND, seed=1, folder=tmp_path_factory.mktemp(KIND))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield support.build(KIND, seed=1, folder=tmp_path_factory.mktemp(KIND))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from ports import InputError, generate, load_pretrained, save_pretrained
 from ports.processing import TokenType, image_chat_batch
 from ports.qwen2_vl import Qwen2VLProcessor
 from ports.weights import flatten
+from tests.parity import one_torch_thread
 from tests.ports import qwen_vl_support as support, vlm
 
 KIND = "qwen2_vl"
@@ -21,10 +22,8 @@ KIND = "qwen2_vl"
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two torch threads on two busy cores spin-wait: tiny models run faster on one
-    yield support.build(KIND, seed=1, folder=tmp_path_factory.mktemp(KIND))
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield support.build(KIND, seed=1, folder=tmp_path_factory.mktemp(KIND))
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL.Image
+import torch
 import transformers
+from flax.traverse_util import flatten_dict
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from ports.layers import Site
 from ports.weights import Checkpoint, flatten, load_params
+from precise_jax.sites import site_name
+from tests.parity import rel_error, torch_sites
 
 
 @functools.cache
@@ -70,6 +74,38 @@ def load_tower(folder, tower, rules, pixel_shape) -> dict:
     shapes = jax.eval_shape(lambda: tower.init(jax.random.key(0), example)["params"])
     expected = {path: leaf.shape for path, leaf in flatten(shapes).items()}
     return load_params(Checkpoint(folder), rules, expected, convert=lambda _, a: jnp.asarray(a))
+
+
+def tower_parity(hf, module, params, pixels: np.ndarray, num_layers: int, tol: float) -> tuple:
+    """Run an HF vision tower and its port on the same pixels; assert that every hidden state and the last one agree
+    within `tol`. Returns (port output, HF output, port sites {name: [N, G, W]}, HF sites)."""
+    with torch.no_grad(), torch_sites(hf.encoder.layers, "vision", down_proj="fc2") as expected:
+        ref = hf(torch.tensor(pixels), output_hidden_states=True)
+    out, state = jax.jit(functools.partial(module.apply, capture_intermediates=is_site))({"params": params}, pixels)
+    assert len(out.hidden_states) == len(ref.hidden_states) == num_layers + 1
+    for ours, theirs in zip(out.hidden_states, ref.hidden_states):
+        assert rel_error(ours, theirs.numpy()) <= tol
+    assert rel_error(out.last_hidden_state, ref.last_hidden_state.numpy()) <= tol
+    sites = {site_name(("vision", *path[:-1])): v[0] for path, v in flatten_dict(state["intermediates"]).items()}
+    return out, ref, sites, expected
+
+
+def check_greedy_generation(m, batch: dict, tokens: int, tol: float) -> None:
+    """Greedy generation of `tokens` tokens by the port equals HF's `generate` on the batch: tokens and scores."""
+    from ports import generate
+
+    with torch.no_grad():
+        out = m.hf.generate(**{k: v for k, v in hf_inputs(batch).items() if k != "position_ids"},
+                            max_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                            pad_token_id=m.processor.tokenizer.pad_token_id,
+                            output_scores=True, return_dict_in_generate=True)
+    expected = out.sequences[:, batch["input_ids"].shape[1]:].numpy()
+    scores = torch.stack(out.scores, axis=1).numpy()
+    assert expected.shape == (len(batch["input_ids"]), tokens)
+    assert_no_ties(scores)
+    ours = generate(m.lm, batch, max_new_tokens=tokens, stop_tokens=[], return_logits=True)
+    np.testing.assert_array_equal(np.asarray(ours.tokens), expected)
+    assert rel_error(np.asarray(ours.logits), scores) <= tol
 
 
 # Chat templates in the style of llava-hf/llava-1.5-7b-hf and llava-hf/llava-onevision-qwen2-7b-ov-hf

@@ -11,7 +11,7 @@ from ports.processing import TokenType
 from precise_jax.interventions import forward_with, neuron_ablation, unit_edit, unit_edit_hook
 from precise_jax.neurons import NeuronSet
 from precise_jax.stats import Moments
-from tests.parity import left_padded_batch, randomize, rel_error
+from tests.parity import left_padded_batch, randomize, rel_error, torch_logits
 
 FF = 48
 
@@ -42,15 +42,12 @@ def batch():
 
 def hf_logits(model, batch, edits):
     """edits: {layer: fn(act [B,T,F], position mask [B,T]) -> act} applied as forward-pre-hooks on down_proj."""
-    mask = batch["attention_mask"]
     handles = []
     for layer, fn in edits.items():
         handles.append(model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
             lambda m, args, fn=fn: (fn(args[0]),)))
     try:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
-                         position_ids=torch.tensor(np.where(mask == 1, np.cumsum(mask, 1) - 1, 0))).logits.numpy()
+        return torch_logits(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,7 @@ from precise_jax.interventions import forward_with
 from precise_jax.mediation import (
     activation_patching, attribution_patching, layer_skip_effects, neuron_patching, skipped,
 )
-from tests.parity import left_padded_batch, randomize, rel_error
+from tests.parity import left_padded_batch, one_torch_thread, randomize, rel_error, torch_logits
 
 VOCAB, PAD, EOS, LAYERS, N_NEW = 83, 0, 82, 3, 6
 REFUSAL = [5, 17, 40]  # stand-ins for the first tokens of "I", "Sorry", "As"
@@ -29,10 +29,8 @@ def models(tmp_path_factory):
     model = randomize(transformers.LlamaForCausalLM(config), seed=5, scale=0.15)
     model.generation_config.pad_token_id = PAD
     model.save_pretrained(path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on busy cores: one thread is faster
-    yield model, load_pretrained(path)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield model, load_pretrained(path)
 
 
 def batch_of(seed, lengths):
@@ -44,11 +42,8 @@ def batch_of(seed, lengths):
 def hf_logits(model, batch, hooks=()):
     """Logits [B, T, V] of an uncached forward with (module, hook(module, args, kwargs, output)) hooks."""
     handles = [m.register_forward_hook(fn, with_kwargs=True) for m, fn in hooks]
-    mask = batch["attention_mask"]
     try:
-        with torch.no_grad():
-            return model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(mask),
-                         position_ids=torch.tensor(np.where(mask == 1, np.cumsum(mask, 1) - 1, 0))).logits.numpy()
+        return torch_logits(model, batch)
     finally:
         for h in handles:
             h.remove()

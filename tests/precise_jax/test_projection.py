@@ -11,7 +11,7 @@ from ports.generate import _generate
 from ports.processing import TokenType
 from precise_jax.interventions import care_projection, forward_with, projection, projection_hook
 from precise_jax.subspace import Subspace
-from tests.parity import left_padded_batch, randomize, rel_error
+from tests.parity import left_padded_batch, one_torch_thread, randomize, rel_error
 
 D, N_NEW, PAD, LAYERS = 32, 8, 0, (0, 2)
 
@@ -25,10 +25,8 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     model = randomize(transformers.LlamaForCausalLM(config), seed=7, scale=0.15)
     model.save_pretrained(path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on busy cores: one thread is faster
-    yield model, load_pretrained(path)
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield model, load_pretrained(path)
 
 
 @pytest.fixture(scope="module")
