@@ -339,7 +339,8 @@ def test_continuation_logprobs_match_float64_torch(tiny_chat_llama):
     words = ["river", "lamp", "quietly", "seven", "orange", "build", "why", "stone", "letter", "north"]
     sentence = lambda n: " ".join(rng.choice(words, n)).capitalize() + "."  # noqa: E731
     examples = [Example(id=f"x{i}", prompt=sentence(int(rng.integers(3, 30))), label="benign") for i in range(5)]
-    continuations = [[sentence(int(rng.integers(1, 9))) for _ in range(int(rng.integers(1, 4)))] for _ in examples]
+    counts = [3, 1, *rng.integers(1, 4, len(examples) - 2)]  # ragged: at least one full row and one short one
+    continuations = [[sentence(int(rng.integers(1, 9))) for _ in range(c)] for c in counts]
     prefixes = [None, sentence(4), None, sentence(12), sentence(1)]
     logp, first = continuation_logprobs(lm, examples, continuations, prefixes=prefixes, batch_size=2,
                                         refusal_ids=np.array([5, 17, 300]))
