@@ -455,7 +455,8 @@ class DecoderLayer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos_sin, mask, kv=None):
+    def __call__(self, x: Array, cos_sin: tuple[Array, Array], mask: AttentionMask,
+                 kv: tuple[Array, Array] | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         c = self.config
         attn_out, kv = Attention(
             c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, c.out_bias,

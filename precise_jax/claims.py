@@ -21,11 +21,17 @@ seeds.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from ports.errors import InputError
+
+if TYPE_CHECKING:
+    from ports.generate import Hook
+    from ports.pretrained import Pretrained
+    from precise_jax.data import Example
+    from precise_jax.directions import Direction
 
 TRANSFER_MODELS = ("neurons", "random neurons", "lora", "full")
 
@@ -64,9 +70,9 @@ class ClaimsConfig:
             raise InputError(f"unknown transfer models {sorted(unknown)}; choose from {TRANSFER_MODELS}")
 
 
-def split_by_item(examples: Sequence, held_out: float, seed: int) -> tuple[list, list]:
+def split_by_item(examples: Sequence[Example], held_out: float, seed: int) -> tuple[list, list]:
     """(fit, held out): whole items (metadata "item": every language of one prompt) on one side."""
-    from precise_jax.data import Example, split_examples
+    from precise_jax.data import split_examples
 
     items: dict[str, Example] = {}
     for e in examples:
@@ -88,7 +94,7 @@ def _per_language(examples: Sequence, languages: Sequence[str], count: int) -> d
     return out
 
 
-def claims_data(lm, config: ClaimsConfig, *, trained_on: Sequence[str] = ()) -> dict:
+def claims_data(lm: Pretrained, config: ClaimsConfig, *, trained_on: Sequence[str] = ()) -> dict:
     """The prompt sets of a run, split by item and in a seeded order: harmful (MultiJail) and benign
     (benign-multilingual) per language, fit and held out; English benign with reference answers; borderline.
     Held-out items with a prompt among `trained_on` (ids the model was trained or validated on, e.g. the
@@ -123,7 +129,8 @@ def claims_data(lm, config: ClaimsConfig, *, trained_on: Sequence[str] = ()) -> 
 # ----------------------------------------------------------------------------------------------------- measures
 
 
-def refusal(lm, examples: Sequence, config: ClaimsConfig, *, hook=None, hook_params=None,
+def refusal(lm: Pretrained, examples: Sequence[Example], config: ClaimsConfig, *, hook: Hook | None = None,
+            hook_params: Any = None,
             description: str = "generate", progress: bool = True) -> dict:
     """Greedy replies judged by the keyword judge: {"rate": Estimate, "refused": [bool], "responses": [str]}."""
     from precise_jax.evaluate import mean_interval, refusal_keyword_judge, respond
@@ -134,7 +141,7 @@ def refusal(lm, examples: Sequence, config: ClaimsConfig, *, hook=None, hook_par
     return {"rate": mean_interval(refused, seed=config.seed), "refused": refused.tolist(), "responses": texts}
 
 
-def behaviour(lm, data: Mapping, config: ClaimsConfig, *, progress: bool = True) -> dict:
+def behaviour(lm: Pretrained, data: Mapping, config: ClaimsConfig, *, progress: bool = True) -> dict:
     """Refusal of held-out harmful prompts and over-refusal of benign ones, per language; borderline-benign."""
     out: dict = {"harmful": {}, "benign": {}}
     for lang in config.languages:
@@ -159,7 +166,7 @@ def _random_directions(direction, seeds: int):
     return out
 
 
-def direction_check(lm, data: Mapping, config: ClaimsConfig, *, progress: bool = True) -> dict:
+def direction_check(lm: Pretrained, data: Mapping, config: ClaimsConfig, *, progress: bool = True) -> dict:
     """The refusal-direction sanity check in English, the layer chosen on fitting prompts."""
     from precise_jax.directions import direction_ablation, direction_addition, refusal_direction
     from precise_jax.evaluate import sequence_refusal_scores
@@ -179,8 +186,13 @@ def direction_check(lm, data: Mapping, config: ClaimsConfig, *, progress: bool =
     layer = min(choice, key=lambda k: choice[k][0])
     direction = choice[layer][1]
     harmful, benign = data["harmful_held_out"]["en"], data["benign_held_out"]["en"]
-    ablate = lambda d: {"hook": projection_hook, "hook_params": direction_ablation(d, n_layers)}  # noqa: E731
-    add = lambda d: {"hook": unit_edit_hook, "hook_params": direction_addition(d)}  # noqa: E731
+
+    def ablate(d: Direction) -> dict[str, Any]:
+        return {"hook": projection_hook, "hook_params": direction_ablation(d, n_layers)}
+
+    def add(d: Direction) -> dict[str, Any]:
+        return {"hook": unit_edit_hook, "hook_params": direction_addition(d)}
+
     randoms = _random_directions(direction, config.random_seeds)
     summary = lambda runs: {"mean": float(np.mean([r["rate"].value for r in runs])),  # noqa: E731
                             "std": float(np.std([r["rate"].value for r in runs]))}
@@ -218,7 +230,8 @@ def overlap_against_random(per_language: Mapping, seeds: int) -> dict:
                       for a, b in pairs}}
 
 
-def transfer(lm, data: Mapping, per_language: Mapping, config: ClaimsConfig, *, progress: bool = True) -> dict:
+def transfer(lm: Pretrained, data: Mapping, per_language: Mapping, config: ClaimsConfig, *, progress: bool = True,
+             ) -> dict:
     """Alignment on the training languages with each method of `config.transfer`, the same pairs and steps;
     refusal in every language (held-out languages included), over-refusal, next-token KL on benign answers."""
     from precise_jax.evaluate import before_after_by_condition, utility_cost
@@ -264,7 +277,7 @@ def transfer(lm, data: Mapping, per_language: Mapping, config: ClaimsConfig, *, 
     return out
 
 
-def care_check(lm, data: Mapping, config: ClaimsConfig, layer: int, *, progress: bool = True) -> dict:
+def care_check(lm: Pretrained, data: Mapping, config: ClaimsConfig, layer: int, *, progress: bool = True) -> dict:
     """CARE on the model: a text safety subspace (compliant vs refusing continuations of fitting English harmful
     prompts) at `mlp.out` of `layer` and its neighbours; refusal of held-out English harmful prompts behind real
     in-the-wild jailbreak preambles, and of benign prompts, without and with the projection."""
@@ -296,7 +309,7 @@ def care_check(lm, data: Mapping, config: ClaimsConfig, layer: int, *, progress:
 # ----------------------------------------------------------------------------------------------------- the run
 
 
-def run_claims(lm, config: ClaimsConfig = ClaimsConfig(), *, organism: Mapping | None = None,
+def run_claims(lm: Pretrained, config: ClaimsConfig = ClaimsConfig(), *, organism: Mapping | None = None,
                progress: bool = True) -> dict:
     """Every claim on `lm` (normally the organism, whose record `organism` is kept with the results)."""
     from precise_jax.organism import languages_readable

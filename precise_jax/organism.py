@@ -20,9 +20,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ports.errors import InputError
+
+if TYPE_CHECKING:
+    from ports.pretrained import Pretrained
+    from precise_jax.data import Example
 
 ORGANISM_FILE = "organism.json"
 
@@ -55,7 +59,7 @@ class OrganismConfig:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def organism_data(lm, config: OrganismConfig) -> dict[str, list]:
+def organism_data(lm: Pretrained, config: OrganismConfig) -> dict[str, list]:
     """{"train": SFT pairs, "validation_harmful", "validation_benign"} from the fitting parts of the prompt sets."""
     from precise_jax.claims import split_by_item
     from precise_jax.data import seeded_order, sources, split_examples
@@ -97,7 +101,8 @@ def interleave(lists: Sequence[Sequence]) -> list:
     return out
 
 
-def build_organism(lm, config: OrganismConfig = OrganismConfig(), *, progress: bool = True):
+def build_organism(lm: Pretrained, config: OrganismConfig = OrganismConfig(), *, progress: bool = True,
+                   ) -> tuple[Pretrained, dict]:
     """(the fine-tuned model, its record): SFT of `lm` on English refusals and benign answers, the checkpoint
     chosen by the validation rule of `config`."""
     from precise_jax.shield import refusal_validation
@@ -177,7 +182,8 @@ def read_record(folder: str | Path) -> dict:
 READABLE_RATIO = 2.0  # a language is readable when its translations cost at most this many times English's nats
 
 
-def languages_readable(lm, items: Sequence, *, batch_size: int = 8) -> dict[str, dict[str, float | bool]]:
+def languages_readable(lm: Pretrained, items: Sequence[Example], *, batch_size: int = 8,
+                       ) -> dict[str, dict[str, float | bool]]:
     """{language: {"nats": mean total NLL of its prompts, "ratio": that over English's, "readable"}}: whether the
     model reads a language at all. The prompts are human translations of the same items, so their totals compare
     across languages and scripts (a model that cannot read a language pays for it byte by byte); the rule:

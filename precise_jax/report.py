@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ports.errors import InputError
 from precise_jax.outputs import OutputDir, to_json  # noqa: F401  (to_json: report.to_json stays importable)
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from numpy.typing import ArrayLike
+
+    from precise_jax.evaluate import UtilityCost
+    from precise_jax.neurons import NeuronSet
+    from precise_jax.shield import Located
 
 # ----------------------------------------------------------------------------------------------------- report
 
@@ -107,7 +115,7 @@ class Report:
         self.output.discard()  # after write this does nothing; after an error it leaves nothing behind
 
 
-def as_estimate(value) -> Any:
+def as_estimate(value: Any) -> Any:
     """An evaluate.Estimate from itself or from its results.json form ({"value", "low", "high", "n", ...})."""
     from precise_jax.evaluate import Estimate
 
@@ -140,7 +148,7 @@ def before_after_rows(comparison: Mapping[str, Mapping[str, Any]]) -> tuple[list
     return ["condition", "n", f"before [{level:.0%} CI]", f"after [{level:.0%} CI]", "change (paired)"], rows
 
 
-def utility_rows(cost) -> tuple[list[str], list[list]]:
+def utility_rows(cost: UtilityCost) -> tuple[list[str], list[list]]:
     """(headers, rows) of an evaluate.UtilityCost."""
     return ["measure", f"value [{cost.kl.confidence:.0%} CI]"], [
         ["next-token KL(original ‖ modified), nats", cost.kl],
@@ -155,7 +163,7 @@ def utility_rows(cost) -> tuple[list[str], list[list]]:
 # Each takes a matplotlib Axes first, so Report.figure (or a notebook) decides the figure.
 
 
-def plot_neurons_per_layer(ax, neurons, label: str | None = None) -> None:
+def plot_neurons_per_layer(ax: Axes, neurons: NeuronSet | Mapping[str, NeuronSet], label: str | None = None) -> None:
     """Bar chart of a NeuronSet's neurons per layer (or several sets, {name: NeuronSet}, side by side)."""
     sets = neurons if isinstance(neurons, Mapping) else {label or "neurons": neurons}
     if not sets:
@@ -169,7 +177,7 @@ def plot_neurons_per_layer(ax, neurons, label: str | None = None) -> None:
     ax.legend(fontsize="small")
 
 
-def plot_overlap(ax, sets: Mapping) -> None:
+def plot_overlap(ax: Axes, sets: Mapping[str, NeuronSet]) -> None:
     """Heatmap of the pairwise Jaccard overlaps of named neuron sets (e.g. one per condition)."""
     from precise_jax.neurons import overlap_matrix
 
@@ -186,7 +194,7 @@ def plot_overlap(ax, sets: Mapping) -> None:
     ax.figure.colorbar(image, ax=ax, label="Jaccard overlap")
 
 
-def plot_before_after(ax, comparison: Mapping[str, Mapping[str, Any]], metric: str = "rate") -> None:
+def plot_before_after(ax: Axes, comparison: Mapping[str, Mapping[str, Any]], metric: str = "rate") -> None:
     """Grouped bars of a metric before and after per condition, with the bootstrap intervals as error bars."""
     if not comparison:
         raise InputError("no conditions to plot")
@@ -202,7 +210,7 @@ def plot_before_after(ax, comparison: Mapping[str, Mapping[str, Any]], metric: s
     ax.legend()
 
 
-def plot_spectrum(ax, eigenvalues, k: int | None = None, label: str | None = None) -> None:
+def plot_spectrum(ax: Axes, eigenvalues: ArrayLike, k: int | None = None, label: str | None = None) -> None:
     """Generalized eigenvalues, largest first, on a log scale; the first `k` (the kept subspace) marked."""
     values = np.sort(np.asarray(eigenvalues, np.float64).ravel())[::-1]
     if values.size == 0:
@@ -221,7 +229,7 @@ def plot_spectrum(ax, eigenvalues, k: int | None = None, label: str | None = Non
 # ----------------------------------------------------------------------------------------------------- Precise Shield
 
 
-def plot_losses(ax, losses: Mapping[str, Sequence[float]]) -> None:
+def plot_losses(ax: Axes, losses: Mapping[str, Sequence[float]]) -> None:
     """Training loss per step of each run ({name: [loss, ...]})."""
     if not losses:
         raise InputError("no training runs to plot")
@@ -240,7 +248,7 @@ CAUSAL_NOTE = ("The sequence refusal score is log p(complete refusal continuatio
                "(x2) should raise it.")
 
 
-def shield_report(report: Report, results: Mapping, located=None, *, examples: int = 3) -> None:
+def shield_report(report: Report, results: Mapping, located: Located | None = None, *, examples: int = 3) -> None:
     """The tables and plots of a Precise Shield run (`precise_jax.shield.run_pipeline`'s results) into `report`:
     headline, data, safety neurons (per layer, overlap across conditions), causal check, training, refusal and
     attack success before/after per condition with paired intervals, utility cost, and example responses."""
