@@ -258,12 +258,17 @@ def shield_report(report: Report, results: Mapping, located: Located | None = No
                 f"- {neurons['count']} safety neurons ({100 * neurons['parameter_fraction']:.3f} % of the parameters "
                 "are trainable in the aligned run)"]
     for name in trained:
-        harmful, benign = evaluation[name]["harmful_refusal"]["all"], evaluation[name]["benign_refusal"]["all"]
+        e = evaluation[name]
+        harmful, benign = e["harmful_refusal"]["all"], e["benign_refusal"]["all"]
+        probes = e.get("over_refusal_probes", {}).get("all")
         headline.append(
             f"- **{name}**: held-out harmful refusal {as_estimate(harmful['before'])} -> "
-            f"{as_estimate(harmful['after'])}; benign refusal {as_estimate(benign['before'])} -> "
-            f"{as_estimate(benign['after'])}; next-token KL to the original on benign replies "
-            f"{as_estimate(evaluation[name]['utility']['kl'])} nats")
+            f"{as_estimate(harmful['after'])}; attack success {as_estimate(e['attack_success']['all']['before'])} "
+            f"-> {as_estimate(e['attack_success']['all']['after'])}; benign refusal {as_estimate(benign['before'])} "
+            f"-> {as_estimate(benign['after'])}"
+            + (f"; over-refusal of {probes['after']['n']} probes (benign prompts that look harmful) "
+               f"{as_estimate(probes['before'])} -> {as_estimate(probes['after'])}" if probes else "")
+            + f"; next-token KL to the original on benign replies {as_estimate(e['utility']['kl'])} nats")
     report.text("Refusal is judged by the multilingual refusal-keyword judge (`precise_jax.evaluate`); intervals "
                 "are 95 % percentile-bootstrap intervals over prompts, changes are paired.\n\n" + "\n".join(headline))
 
@@ -319,8 +324,11 @@ def shield_report(report: Report, results: Mapping, located: Located | None = No
     for name in trained:
         for metric, title in (("attack_success", "attack success rate (not refused)"),
                               ("harmful_refusal", "refusal of held-out harmful prompts"),
-                              ("benign_refusal", "refusal of held-out benign prompts (over-refusal)")):
-            report.table(f"{name}: {title}", *before_after_rows(evaluation[name][metric]))
+                              ("benign_refusal", "refusal of held-out benign prompts (over-refusal)"),
+                              ("over_refusal_probes", "refusal of over-refusal probes (benign prompts that look "
+                                                      "harmful: XSTest's safe prompts, borderline-benign)")):
+            if metric in evaluation[name]:
+                report.table(f"{name}: {title}", *before_after_rows(evaluation[name][metric]))
         report.figure(f"{name.replace(' ', '_')}_attack_success", plot_before_after,
                       evaluation[name]["attack_success"], metric="attack success rate",
                       caption=f"{name}: attack success rate before and after, per condition")

@@ -346,6 +346,10 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
 
     held_harmful = [e for cond in conditions for e in cell("harmful", "held_out")[cond]]
     held_benign = [e for cond in conditions for e in cell("benign", "held_out")[cond]]
+    if not any(e.response for e in held_benign):
+        raise InputError(f"none of the {len(held_benign)} held-out benign prompts has a reference answer to measure "
+                         "the utility cost on: add a benign set with answers (e.g. --benign alpaca-eval,...) or "
+                         "raise --eval-examples")
 
     def answers(model: Pretrained, examples: Sequence[Example], description: str) -> tuple[list[str], np.ndarray]:
         texts = respond(model, examples, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
@@ -369,10 +373,15 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
     train_config = TrainConfig(mode=config.mode, epochs=config.epochs, batch_size=config.batch_size,
                                learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                                max_length=config.max_tokens, seed=config.seed)
+    # benign prompts without a reference answer (over-refusal probes such as XSTest's) are located on and
+    # evaluated, never trained on
+    answered = {cond: [e for e in cell("benign", "fit")[cond] if e.response] for cond in conditions}
+    if not any(answered.values()):
+        raise InputError("no benign fitting prompt has a reference answer to train on: add a benign set with "
+                         "answers (e.g. --benign alpaca-eval,...)")
     pairs = alignment_examples(
         [e for cond in conditions for e in cell("harmful", "fit")[cond][: config.train_examples]],
-        [e for cond in conditions for e in cell("benign", "fit")[cond][: config.train_examples]],
-        refusals=refusals)
+        [e for cond in conditions for e in answered[cond][: config.train_examples]], refusals=refusals)
     pairs = within_length(pairs, lm, config.max_tokens)
     trained_sets = {"aligned": neurons}
     if "random" in config.baselines:
@@ -401,6 +410,12 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
         refused = {name: {"harmful_refusal": h[1], "attack_success": ~h[1], "benign_refusal": b[1]}
                    for name, (h, b) in responses.items()}
         held = {"harmful_refusal": held_harmful, "attack_success": held_harmful, "benign_refusal": held_benign}
+        # over-refusal probes (benign prompts that look harmful: XSTest's safe prompts, borderline-benign)
+        probes = np.array([bool(e.metadata.get("over_refusal")) for e in held_benign], bool)
+        if probes.any():
+            held["over_refusal_probes"] = [e for e, probe in zip(held_benign, probes) if probe]
+            for flags in refused.values():
+                flags["over_refusal_probes"] = flags["benign_refusal"][probes]
         # the original: its rates; every other model: {condition: {"before", "after", "change" (paired)}}
         evaluation: dict[str, dict[str, Any]] = {
             "original": {metric: rates_by_condition(flags, held[metric], seed=config.seed)

@@ -166,11 +166,13 @@ def with_jailbreaks(examples: Iterable[Example], templates: Sequence[str], *, se
 
 def borderline_benign() -> list[Example]:
     """64 benign prompts that look harmful (homonyms, figurative language, safe targets and contexts, definitions,
-    history, safety information, public figures), written for this project: the over-refusal probe."""
+    history, safety information, public figures), written for this project: the over-refusal probe (metadata
+    "over_refusal", as XSTest's safe prompts)."""
     from precise_jax.data.examples import load_examples
 
-    return load_examples(Path(__file__).parent / "vendored" / "borderline" / "borderline-benign.jsonl",
-                         defaults={"source": "borderline-benign"})
+    examples = load_examples(Path(__file__).parent / "vendored" / "borderline" / "borderline-benign.jsonl",
+                             defaults={"source": "borderline-benign"})
+    return [dataclasses.replace(e, metadata={**e.metadata, "over_refusal": True}) for e in examples]
 
 
 def benign_multilingual() -> list[Example]:

@@ -164,3 +164,33 @@ def test_pipeline_on_a_vision_language_model_with_typographic_prompts(tmp_path_f
     typographic = [r for r in run["responses"]["aligned"]["harmful"] if r["id"].endswith(":typographic")]
     assert len(typographic) == 3 and all(r["prompt"] == FIGSTEP_PROMPT for r in typographic)  # the text is the image
     assert run["training"]["aligned"]["trainable"] == 3 * 64 * run["neurons"]["count"]
+
+
+def test_over_refusal_probes_are_reported_next_to_attack_success(lm, sets, tmp_path):
+    """Benign prompts marked as over-refusal probes (borderline-benign, XSTest's safe prompts) get their own
+    before/after refusal rate, computed from their replies alone, in the results and in the report's headline."""
+    from precise_jax.data import sources
+    from precise_jax.report import Report, shield_report
+
+    harmful, alpaca = sets
+    probes = sources.load_set("borderline-benign")
+    assert probes and all(e.metadata["over_refusal"] for e in probes)
+    config = dataclasses.replace(SMALL, eval_examples=10, random_seeds=1, baselines=(), validate_every=0,
+                                 ablations=("zero",))
+    run = run_pipeline(lm, harmful, alpaca[:60] + probes, config, progress=False)
+    probe_ids = {e.id for e in probes}
+    for name in ("original", "aligned"):
+        replies = run["responses"][name]["benign"]
+        flags = np.array([r["refused"] for r in replies if r["id"].rsplit(":", 2)[0] in probe_ids])
+        assert 0 < len(flags) < len(replies)  # the held-out benign prompts have probes and others
+        rate = run["evaluation"][name]["over_refusal_probes"]["all"]
+        rate = rate if name == "original" else rate["after"]
+        assert rate["n"] == len(flags) and rate["value"] == pytest.approx(flags.mean())
+    report = Report(tmp_path / "report")
+    shield_report(report, run)
+    markdown = report.markdown()
+    probes_after = run["evaluation"]["aligned"]["over_refusal_probes"]["all"]["after"]
+    assert f"over-refusal of {probes_after['n']} probes" in markdown
+    assert "aligned: refusal of over-refusal probes" in markdown
+    with pytest.raises(InputError, match="has a reference answer"):
+        run_pipeline(lm, harmful, probes, config, progress=False)
