@@ -83,6 +83,13 @@ class Pretrained:
         return getattr(self.config, "text", self.config)
 
     @property
+    def mesh(self) -> jax.sharding.Mesh | None:
+        """The device mesh the parameters are laid out on (`load_pretrained(..., mesh=)`), else None."""
+        sharding = getattr(jax.tree_util.tree_leaves(self.params)[0], "sharding", None)
+        mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+        return mesh if isinstance(mesh, jax.sharding.Mesh) else None
+
+    @property
     def model_id(self) -> str:
         """The identity recorded with statistics, neuron sets and runs: the absolute model folder, else the
         config's `_name_or_path`."""

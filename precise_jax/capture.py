@@ -25,7 +25,7 @@ from ports.errors import InputError
 from ports.generate import NOT_MODEL_INPUTS
 from ports.layers import Site
 from ports.pretrained import Pretrained
-from precise_jax.distributed import gather, host_batch, host_rows, process_sum
+from precise_jax.distributed import all_rows, gather, host_rows, place_batch, process_sum
 from precise_jax.sites import check_sites, site_filter, site_name
 from precise_jax.stats import Moments
 
@@ -172,9 +172,11 @@ def collect(
     Batches carry HF keys plus `token_types`, optionally `row_valid` [B] (padding rows) and `ids`. Statistics are
     float32 at highest precision; covariances only for the sites listed in `covariance`. `pool` is a name in
     POOLS or a function of one's own (see `Pool`; e.g. `precise_jax.subspace.CarePool`). With a `mesh`
-    (`precise_jax.distributed`), every process passes its own rows, split over the mesh's data axes: statistics
-    are reduced over all processes and readable on each; vectors and ids are this process's rows.
+    (`precise_jax.distributed`; default: the one `lm`'s parameters are laid out on), every process passes its own
+    rows, split over the mesh's data axes: statistics are reduced over all processes and readable on each; vectors
+    and ids are this process's rows.
     """
+    mesh = lm.mesh if mesh is None else mesh
     sites = tuple(sites)
     check_sites(sites, available_sites(lm))
     if not callable(pool) and pool not in POOLS:
@@ -190,6 +192,7 @@ def collect(
     kept: dict[str, list] = {name: [] for name in sites}
     ids: list = []
     digest = hashlib.sha256()
+    shared: list[tuple[np.ndarray, np.ndarray]] = []  # several processes: (input_ids, row_valid), digested at the end
     seen = 0
     bar = tqdm(total=total, unit="ex", desc="capture", file=sys.stderr, dynamic_ncols=True, disable=not progress)
     # Nothing in this loop waits for the device (no device-to-host copy): batch k+1 is prepared and queued while
@@ -210,13 +213,18 @@ def collect(
                 kept[name].append((pooled[name] if mesh is None else host_rows(mesh, pooled[name]), valid))
         if batch_ids is not None:
             ids += [i for i, ok in zip(batch_ids, valid) if ok]
-        digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
+        if jax.process_count() == 1:
+            digest.update(np.ascontiguousarray(np.asarray(batch["input_ids"])[valid]).tobytes())
+        else:
+            shared.append((np.asarray(batch["input_ids"]), valid))
         seen += int(valid.sum())
         bar.update(int(valid.sum()))
     bar.close()
     if mesh is not None:
         seen = process_sum(seen)
         state = gather(state, mesh) if state is not None else None
+    for input_ids, valid in shared:  # every process's rows in process order: the data of a one-process run
+        digest.update(np.ascontiguousarray(all_rows(input_ids)[all_rows(valid)]).tobytes())
     if seen == 0:
         raise InputError("collect got no examples: the batches were empty")
     metadata = {
@@ -241,9 +249,7 @@ def collect(
 def _place(mesh, inputs: dict, *rows):
     """Model inputs and per-row arrays on device: on the default device without a mesh; with one, this process's
     rows become its part of global arrays split over the mesh's data axes."""
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in inputs.items()}, *(None if a is None else jnp.asarray(a) for a in rows)
-    placed = host_batch(mesh, {**inputs, **{str(i): a for i, a in enumerate(rows) if a is not None}})
+    placed = place_batch(mesh, {**inputs, **{str(i): a for i, a in enumerate(rows) if a is not None}})
     return {k: placed[k] for k in inputs}, *(placed.get(str(i)) for i in range(len(rows)))
 
 

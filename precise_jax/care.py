@@ -23,6 +23,7 @@ from ports.errors import InputError
 from ports.pretrained import Pretrained
 from precise_jax.capture import available_sites
 from precise_jax.data import Example, build_conditions, make_batches, stable_hash
+from precise_jax.distributed import process_share
 from precise_jax.evaluate import (
     mean_interval, refusal_keyword_judge, refusal_scores, refusal_token_ids, respond, sequence_refusal_scores,
     tokenizer_of,
@@ -230,10 +231,10 @@ def fit(
     def subspaces(modality: str, malicious: Sequence[Example], benign_examples: Sequence[Example],
                   extra: Mapping[str, str]) -> dict[str, Subspace]:
         kw = {"batch_size": batch_size, "with_response": True}
-        mal = collect_care(lm, make_batches(malicious, lm, **kw), sites, modality, selection=selection,
-                           total=len(malicious))
-        ben = collect_care(lm, make_batches(benign_examples, lm, **kw), sites, modality, selection=selection,
-                           total=len(benign_examples))
+        mal = collect_care(lm, process_share(make_batches(malicious, lm, **kw), lm.mesh), sites, modality,
+                           selection=selection, total=len(malicious))
+        ben = collect_care(lm, process_share(make_batches(benign_examples, lm, **kw), lm.mesh), sites, modality,
+                           selection=selection, total=len(benign_examples))
         record = {**common, **extra, "malicious_data": mal.metadata["data"], "benign_data": ben.metadata["data"]}
         return {f"{modality}/{s}": build_subspace(ben.stats[s], mal.stats[s], k, site=s, modality=modality,
                                                   provenance=record, **options)

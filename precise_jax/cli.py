@@ -14,11 +14,16 @@ from precise_jax.outputs import OutputDir
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from jax.sharding import Mesh
+
     from ports.pretrained import Pretrained
     from precise_jax.data import Example
     from precise_jax.data.conditions import Translations, Translator
 
 Config = TypeVar("Config")
+# The commands that run on several processes (jax.distributed): each process feeds its share of every batch and
+# reads the statistics reduced over all of them; the others run on one process, over a mesh of its devices.
+SEVERAL_PROCESSES = ("locate", "care fit")
 
 
 def demo(args: argparse.Namespace) -> dict:
@@ -175,6 +180,7 @@ def refusal_replies(path: str | None) -> dict:
 
 
 def load_model(args: argparse.Namespace) -> Pretrained:
+    """The command's model, its parameters laid out on the command's mesh when it has one."""
     import jax.numpy as jnp
 
     from ports import load_pretrained
@@ -183,7 +189,29 @@ def load_model(args: argparse.Namespace) -> Pretrained:
         from precise_jax.assets import smollm2_135m_instruct
 
         args.model = str(smollm2_135m_instruct())
-    return load_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    return load_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=command_mesh(args))
+
+
+def command_mesh(args: argparse.Namespace) -> Mesh | None:
+    """The mesh of --mesh (else $PRECISE_JAX_MESH, which tpu/pod.sh sets; on several processes, else fsdp), after
+    jax.distributed starts when the environment describes a cluster; None: one device."""
+    import os
+
+    import jax
+
+    from ports.errors import InputError
+    from precise_jax import distributed
+
+    distributed.initialize()
+    spec = args.mesh or os.environ.get("PRECISE_JAX_MESH")
+    if jax.process_count() > 1:
+        name = " ".join(filter(None, (args.command, getattr(args, "step", None))))
+        if name not in SEVERAL_PROCESSES:
+            raise InputError(f"{name} runs on one process so far (its --mesh may span that host's devices); on "
+                             f"{jax.process_count()} processes run {' or '.join(SEVERAL_PROCESSES)}")
+    elif not spec:
+        return None
+    return distributed.make_mesh(spec or "fsdp")
 
 
 def prompt_set(spec: str, label: str) -> list[Example]:
@@ -218,9 +246,19 @@ def split_sets(args: argparse.Namespace, lm: Pretrained, validation: int = 0) ->
 
 
 def with_output(run: Callable[[argparse.Namespace, Path], dict]) -> Callable[[argparse.Namespace], dict]:
-    """Run a command into an OutputDir: the folder is renamed into place only when the command succeeds."""
+    """Run a command into an OutputDir: the folder is renamed into place only when the command succeeds; on a
+    cluster only process 0 writes (the others run into a scratch folder)."""
 
     def wrapped(args: argparse.Namespace) -> dict:
+        import tempfile
+        from pathlib import Path
+
+        from precise_jax import distributed
+
+        distributed.initialize()  # on a cluster the processes first learn who they are: process 0 alone writes
+        if not distributed.is_main_process():
+            with tempfile.TemporaryDirectory() as scratch:
+                return run(args, Path(scratch)) | {"out": None}
         out = OutputDir(args.out, args.overwrite)
         try:
             result = run(args, out.path)
@@ -319,6 +357,9 @@ def add_model(p: argparse.ArgumentParser, default: str = "the cached SmolLM2-135
     group = p.add_argument_group("model")
     group.add_argument("--model", help=f"a Hugging Face model folder (default: {default})")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument("--mesh", help="run on a device mesh: a preset (data, fsdp, tensor, fsdp-tensor2, ...) or "
+                       "'data=2,fsdp=4' (-1: the remaining devices); on a TPU pod or cluster every process runs the "
+                       "same command (default: $PRECISE_JAX_MESH, else one device)")
 
 
 def add_prompt_sets(p: argparse.ArgumentParser) -> None:

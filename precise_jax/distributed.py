@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from numpy.typing import DTypeLike
@@ -213,6 +214,47 @@ def host_batch(mesh: Mesh, batch: Mapping, keys: Iterable[str] | None = None) ->
     return out
 
 
+def place_batch(mesh: Mesh | None, batch: Mapping) -> dict:
+    """A batch's arrays on device: on the default device without a mesh; with one, this process's rows as its
+    part of global arrays split over data x fsdp (`host_batch`)."""
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in batch.items()}
+    return host_batch(mesh, batch)
+
+
+def process_share(batches: Iterable[Mapping], mesh: Mesh | None) -> Iterator[Mapping]:
+    """This process's rows of each global batch (every process builds the same batches from the same examples):
+    a contiguous 1/process_count of the rows, with their `ids` and `row_valid`; the batches unchanged without a
+    mesh or on one process. What `collect` on a mesh takes, so that statistics count every example once."""
+    count, me = jax.process_count(), jax.process_index()
+    for batch in batches:
+        if mesh is None or count == 1:
+            yield batch
+            continue
+        rows = np.shape(batch["input_ids"])[0]
+        if rows % count:
+            raise InputError(f"a batch of {rows} rows cannot be shared by {count} processes; make the batch size a "
+                             f"multiple of {count}")
+        mine = slice(me * rows // count, (me + 1) * rows // count)
+        share: dict[str, Any] = {}
+        for key in batch:
+            value = np.asarray(batch[key])
+            if value.ndim == 0 or value.shape[0] != rows:
+                raise InputError(f"batch key {key!r} has shape {value.shape}, not one row per example; several "
+                                 "processes can share text batches only (run image batches on one process)")
+            share[key] = value[mine]
+        valid, ids = getattr(batch, "row_valid", None), getattr(batch, "ids", None)
+        share["row_valid"] = np.ones(rows, bool)[mine] if valid is None else np.asarray(valid, bool)[mine]
+        if ids is not None:
+            share["ids"] = list(ids)[mine]
+        yield share
+
+
+def is_main_process() -> bool:
+    """Whether this process writes a run's outputs (process 0; the only one without jax.distributed)."""
+    return jax.process_index() == 0
+
+
 def host_rows(mesh: Mesh, array: jax.Array) -> np.ndarray:
     """This process's rows of a global row-split array: the inverse of `host_batch` for one array."""
     if jax.process_count() == 1:
@@ -221,6 +263,25 @@ def host_rows(mesh: Mesh, array: jax.Array) -> np.ndarray:
 
     spec = batch_sharding(mesh, array.ndim).spec
     return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, spec))
+
+
+def fetch(array: Any) -> np.ndarray:
+    """An array's whole value on this host: gathered from every process when their devices hold parts of it."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def all_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows of an array, concatenated in process order (every process must call it; the shapes
+    must agree); the array itself on one process."""
+    if jax.process_count() == 1:
+        return np.asarray(local)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
 def process_sum(value: int) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from ports.errors import InputError, PreciseJaxError
+from precise_jax.distributed import fetch
 from precise_jax.stats import Moments
 
 PER_SET_SCORES = ("plnd", "frequency")
@@ -38,7 +39,7 @@ def down_projection_norms(params: Mapping, layer: int) -> np.ndarray:
         kernel = params["lm"][f"layers_{layer}"]["mlp"]["down_proj"]["kernel"]
     except KeyError as e:
         raise InputError(f"the model has no lm layer {layer} with a gated MLP (missing {e})") from e
-    return np.linalg.norm(np.asarray(kernel, np.float64), axis=1)
+    return np.linalg.norm(fetch(kernel).astype(np.float64), axis=1)
 
 
 def neuron_layers(stats: Mapping[str, Moments]) -> dict[int, Moments]:

@@ -20,6 +20,7 @@ from ports.pretrained import Pretrained
 from precise_jax.capture import Collected, collect
 from precise_jax.data import Example, make_batches, stable_hash, token_lengths
 from precise_jax.data.conditions import Translations, Translator
+from precise_jax.distributed import process_share
 from precise_jax.evaluate import mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores
 from precise_jax.interventions import neuron_ablation, unit_edit_hook
 from precise_jax.neurons import NeuronSet, combine, overlap_matrix, random_like, select_safety_neurons
@@ -43,8 +44,8 @@ def neuron_stats(lm: Pretrained, examples: Sequence[Example], *, positions: str 
     if not examples:
         raise InputError("empty prompt set: there is nothing to collect statistics from")
     sites = layer_sites("lm", lm.decoder.num_layers, ["mlp.act"])
-    return collect(lm, make_batches(examples, lm, batch_size), sites, positions=positions, pool=pool,
-                   total=len(examples), progress=progress)
+    batches = process_share(make_batches(examples, lm, batch_size), lm.mesh)
+    return collect(lm, batches, sites, positions=positions, pool=pool, total=len(examples), progress=progress)
 
 
 def locate(

@@ -42,6 +42,7 @@ from ports.pretrained import Pretrained
 from ports.processing import TokenType
 from precise_jax.capture import model_inputs
 from precise_jax.data import Example, make_batches
+from precise_jax.distributed import place_batch
 from precise_jax.lora import TARGETS as LORA_TARGETS, LoraAdapters
 from precise_jax.masking import MATRICES, NeuronDeltas, neuron_masked, trainable_count
 from precise_jax.neurons import NeuronSet, check_for_model, random_like
@@ -502,8 +503,9 @@ def train(
         step_fn, began = _step_for(lm.model, plan, config, total_steps), time.perf_counter()
         for step in range(start, total_steps):
             batch = _batch_at(examples, lm, config, step)
-            trained, opt_state, loss = step_fn(trained, opt_state, plan.frozen, model_inputs(batch),
-                                               jnp.asarray(batch["token_types"]))
+            inputs = place_batch(lm.mesh, {**model_inputs(batch), "token_types": batch["token_types"]})
+            types = inputs.pop("token_types")  # rows split over the mesh's data axes, if it has one
+            trained, opt_state, loss = step_fn(trained, opt_state, plan.frozen, inputs, types)
             losses.append(float(loss))
             done = step + 1
             if checkpoints is not None and (done == total_steps or (

@@ -2,9 +2,10 @@
 
     python scaleout_worker.py devices CHECKPOINT OUT.json       # 8 CPU devices in one process
     python scaleout_worker.py process CHECKPOINT OUT_DIR        # one of 2 jax.distributed processes (env)
+    python scaleout_worker.py commands DEVICES MODEL OUT_DIR MESH NAME...   # `precise-jax` commands (COMMANDS)
 
-Each writes JSON facts (errors between sharded and single-device results, bytes read, shardings) that
-test_distributed.py asserts on.
+Each writes JSON facts (errors between sharded and single-device results, bytes read, shardings, exit codes)
+that test_distributed.py asserts on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ STARTED = time.perf_counter()
 import jax  # noqa: E402
 
 if __name__ == "__main__":
-    jax.config.update("jax_num_cpu_devices", 8 if sys.argv[1] == "devices" else 2)
+    jax.config.update("jax_num_cpu_devices", {"devices": 8, "process": 2}.get(sys.argv[1]) or int(sys.argv[2]))
 
 import numpy as np  # noqa: E402
 
@@ -225,5 +226,34 @@ def in_process(checkpoint: str, out_dir: str) -> None:
     jax.distributed.shutdown()
 
 
+# ----------------------------------------------------------------------------------------------------- commands
+
+# Each command's options besides --model, --limit, --max-tokens and --out OUT_DIR/NAME (a space as -); in order,
+# as later ones read what earlier ones wrote ({out}: OUT_DIR).
+COMMANDS = {
+    "locate": ["locate", "--ratio", "0.1"],
+    "ablate": ["ablate", "--neurons", "{out}/locate/neurons.json", "--random-seeds", "2", "--max-new-tokens", "4"],
+    "align": ["align", "--neurons", "{out}/locate/neurons.json", "--epochs", "1", "--learning-rate", "1e-2"],
+    "care diagnose": ["care", "diagnose", "--components", "block", "--window", "1", "--span", "1"],
+    "care fit": ["care", "fit", "--layers", "1", "--k", "2"],
+    "care generate": ["care", "generate", "--subspaces", "{out}/care-fit/subspaces.safetensors", "--alpha", "4",
+                      "--max-new-tokens", "4"],
+}
+
+
+def run_commands(devices: str, model: str, out: str, mesh: str, *names: str) -> None:
+    """The commands on this process's devices, on `mesh` ("none": no --mesh): exit codes to OUT_DIR/codes-{process}."""
+    from precise_jax.cli import main
+
+    distributed.initialize()  # from the environment, when it describes two processes
+    codes = {}
+    for name in names:
+        argv = [a.format(out=out) for a in COMMANDS[name]] + [
+            "--model", model, "--limit", "8", "--max-tokens", "256", "--out", f"{out}/{name.replace(' ', '-')}"]
+        codes[name] = main(argv + ([] if mesh == "none" else ["--mesh", mesh]))
+    assert jax.device_count() == int(devices) * jax.process_count()
+    (Path(out) / f"codes-{jax.process_index()}.json").write_text(json.dumps(codes))
+
+
 if __name__ == "__main__":
-    {"devices": on_devices, "process": in_process}[sys.argv[1]](*sys.argv[2:])
+    {"devices": on_devices, "process": in_process, "commands": run_commands}[sys.argv[1]](*sys.argv[2:])

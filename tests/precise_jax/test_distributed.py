@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from ports.errors import InputError
 from ports.presets import PRESETS, build_abstract, load_preset, write_random_checkpoint
@@ -139,6 +139,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def finish(jobs: dict[str, subprocess.Popen], timeout: float) -> dict[str, str]:
+    """Wait for every job (killed after `timeout` s); assert they all succeeded; their stderr by name."""
+    errors, failures = {}, []
+    for name, job in jobs.items():
+        try:
+            _, err = job.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            _, err = job.communicate()
+        errors[name] = err.decode()
+        if job.returncode != 0:
+            failures.append(f"{name} exited {job.returncode}:\n{errors[name][-3000:]}")
+    assert not failures, "\n".join(failures)
+    return errors
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Start the 8-device run and the two-process run together; wait for both; return their facts."""
@@ -153,16 +169,7 @@ def runs(tmp_path_factory):
         cluster = {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
         jobs[f"process{i}"] = subprocess.Popen([sys.executable, str(WORKER), "process", str(checkpoint), str(work)],
                                                env={**env, **cluster}, stderr=subprocess.PIPE)
-    failures = []
-    for name, job in jobs.items():
-        try:
-            _, err = job.communicate(timeout=400)
-        except subprocess.TimeoutExpired:
-            job.kill()
-            _, err = job.communicate()
-        if job.returncode != 0:
-            failures.append(f"{name} exited {job.returncode}:\n{err.decode()[-3000:]}")
-    assert not failures, "\n".join(failures)
+    finish(jobs, timeout=400)
     return {"devices": json.loads((work / "devices.json").read_text()),
             "processes": [json.loads((work / f"process{i}.json").read_text()) for i in range(2)]}
 
@@ -205,6 +212,89 @@ def test_two_processes_read_only_their_slices_and_reduce_statistics(runs):
         assert facts["examples"] == 16  # 8 rows per batch fed as 4 by each process, 2 batches
         assert facts["stats_error"] < 1e-5
         assert facts["restore_error"] == 0.0 and facts["same_layout"]
+
+
+# ----------------------------------------------------------------------------------------------------- commands
+
+
+@pytest.fixture(scope="module")
+def command_runs(tmp_path_factory, tiny_chat_llama):
+    """The `precise-jax` commands on a tiny chat Llama, all at once: on one device; on 8 devices over a
+    data x fsdp x tensor mesh; and on 2 jax.distributed processes of 2 devices each (what runs there so far)."""
+    from tests.precise_jax.scaleout_worker import COMMANDS
+
+    work = tmp_path_factory.mktemp("commands")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "PRECISE_JAX_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    every, port = list(COMMANDS), _free_port()
+    runs = {"one": ("1", "none", every, [{}]), "eight": ("8", "data=2,fsdp=2,tensor=2", every, [{}]),
+            "two": ("2", "fsdp", ["locate", "care fit", "ablate"], [
+                {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+                for i in range(2)])}
+    jobs = {}
+    for name, (devices, mesh, names, clusters) in runs.items():
+        (work / name).mkdir()
+        for i, cluster in enumerate(clusters):
+            jobs[f"{name}{i}"] = subprocess.Popen(
+                [sys.executable, str(WORKER), "commands", devices, str(tiny_chat_llama), str(work / name), mesh,
+                 *names], env={**env, **cluster}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return work, finish(jobs, timeout=600)
+
+
+def _same_results(a: object, b: object, where: str = "") -> list[str]:
+    """Where two result.json trees differ: numbers by more than 1e-5 (relative), anything else at all."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [d for k in a if k not in ("seconds", "out") for d in _same_results(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same_results(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return [] if abs(a - b) <= 1e-5 * max(1.0, abs(a)) else [f"{where}: {a} vs {b}"]
+    return [] if a == b else [f"{where}: {str(a)[:80]} vs {str(b)[:80]}"]
+
+
+def _same_tensors(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors within 1e-5; subspace bases as the projectors they span (an
+    eigenbasis may turn within a near-degenerate eigenspace)."""
+    one, other = load_file(str(a)), load_file(str(b))
+    assert one.keys() == other.keys()
+    for key in one:
+        x, y = (t @ t.T if key.endswith("/basis") else t for t in (one[key], other[key]))
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-5, err_msg=f"{a.name}: {key}")
+
+
+def _result(folder: Path) -> dict:
+    """A command's result.json, its own run folder's path written as {out}."""
+    return json.loads((folder / "result.json").read_text().replace(str(folder.parent), "{out}"))
+
+
+def test_every_command_on_eight_devices_gives_the_one_device_results(command_runs):
+    from tests.precise_jax.scaleout_worker import COMMANDS
+
+    work, _ = command_runs
+    for name in COMMANDS:
+        folder = name.replace(" ", "-")
+        one, eight = _result(work / "one" / folder), _result(work / "eight" / folder)
+        assert _same_results(one, eight) == [], name
+    # Discrete outputs identical: the neuron set; numeric ones within 1e-5: the aligned weights, the subspaces.
+    assert (work / "one/locate/neurons.json").read_text() == (work / "eight/locate/neurons.json").read_text()
+    for file in ("align/model/model.safetensors", "care-fit/subspaces.safetensors"):
+        _same_tensors(work / "one" / file, work / "eight" / file)
+    aligned = load_file(str(work / "one/align/model/model.safetensors"))
+    assert any(np.any(aligned[k] != v) for k, v in load_file(str(next(
+        Path(_result(work / "one/locate")["model"]).glob("*.safetensors")))).items() if k in aligned)
+
+
+def test_locate_and_care_fit_on_two_processes_give_the_one_device_results(command_runs):
+    work, errors = command_runs
+    for name in ("locate", "care-fit"):
+        assert _same_results(_result(work / "one" / name), _result(work / "two" / name)) == [], name
+    assert (work / "one/locate/neurons.json").read_text() == (work / "two/locate/neurons.json").read_text()
+    _same_tensors(work / "one/care-fit/subspaces.safetensors", work / "two/care-fit/subspaces.safetensors")
+    # Process 0 alone wrote the folders; a command that runs on one process only says so on both.
+    assert sorted(p.name for p in (work / "two").iterdir()) == ["care-fit", "codes-0.json", "codes-1.json", "locate"]
+    for i in range(2):
+        assert json.loads((work / f"two/codes-{i}.json").read_text()) == {"locate": 0, "care fit": 0, "ablate": 2}
+        assert "ablate runs on one process so far" in errors[f"two{i}"]
 
 
 # ----------------------------------------------------------------------------------------------------- tpu/
