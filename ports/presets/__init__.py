@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 PRESETS: dict[str, str] = {
     "llava-1.5-7b-hf": "llava-1.5-7b-hf.json",
     "llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b-ov-hf.json",
+    "llava-onevision-qwen2-72b-ov-hf": "llava-onevision-qwen2-72b-ov-hf.json",
     "Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL-7B-Instruct.json",
 }
 

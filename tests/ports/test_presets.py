@@ -20,6 +20,7 @@ from tests.ports.vlm import logits as forward
 CASES = {
     "llava-1.5-7b-hf": (transformers.LlavaForConditionalGeneration, 7_063_427_072),
     "llava-onevision-qwen2-7b-ov-hf": (transformers.LlavaOnevisionForConditionalGeneration, 8_030_807_584),
+    "llava-onevision-qwen2-72b-ov-hf": (transformers.LlavaOnevisionForConditionalGeneration, 73_181_570_592),
     "Qwen2.5-VL-7B-Instruct": (transformers.Qwen2_5_VLForConditionalGeneration, 8_292_166_656),
 }
 
