@@ -374,6 +374,26 @@ def device_name() -> str:
 
     return str(jax.devices()[0].device_kind)
 
+def flop_parts(params, config, rows: int, tokens: int, images: int = 1) -> dict[str, float]:
+    """Model FLOPs of one forward by part, 2 × parameters used × tokens for every matrix product: `lm` the decoder
+    layers per token, `attention` the decoder's causal score and value products (the T²/2 scores a causal kernel
+    computes), `head` the LM head per token; with a vision tower and `images` images per row, `vision` the tower per
+    patch (full attention) and `projector` per image feature."""
+    from ports import clip
+    from ports.presets import num_params
+
+    text = getattr(config, "text", config)
+    parts = {"lm": 2.0 * num_params({k: v for k, v in params["lm"].items() if k.startswith("layers_")}) * rows * tokens,
+             "attention": 2.0 * text.num_layers * text.hidden_size * tokens**2 * rows,
+             "head": 2.0 * num_params(params.get("lm_head", params["lm"]["embed_tokens"])) * rows * tokens}
+    if "vision" in params and images:
+        v = config.vision
+        patches = v.grid**2 + (v.model_type in clip.MODEL_TYPES)  # CLIP's class token
+        parts["vision"] = rows * images * (2.0 * num_params(params["vision"]) * patches
+                                           + 4.0 * v.num_layers * v.hidden_size * patches**2)
+        parts["projector"] = rows * images * 2.0 * num_params(params["projector"]) * config.features_per_image
+    return parts
+
 def vlm_batch(llava: dict, rows: int, tokens: int, seed: int = 0) -> dict:
     """Rows of [BOS, one image's tokens, random text], real-sized random pixel_values [rows, 3, S, S] float32 and
     token types (image / prompt), as numpy."""

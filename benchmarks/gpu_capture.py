@@ -26,30 +26,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    GpuBenchmark, device_name, end, gib, jax_peak, llava_config, logger, random_lm, run_gpu_benchmark, section_header,
-    stats, text_config, timed, torch_device, torch_model, torch_peak, torch_sync, vlm_batch,
+    GpuBenchmark, device_name, end, flop_parts, gib, jax_peak, llava_config, logger, random_lm, run_gpu_benchmark,
+    section_header, stats, text_config, timed, torch_device, torch_model, torch_peak, torch_sync, vlm_batch,
 )
 
 log = logger("gpu_capture")
 
 
 def forward_flops(params, config, rows: int, tokens: int, head: bool) -> float:
-    """Model FLOPs of one LLaVA prefill: 2 × parameters used × tokens for every matrix product (vision tower per
-    image token, projector per image feature, decoder per token, LM head if `head`), plus attention score and
-    value products: causal in the decoder (the T²/2 scores a causal kernel computes), full in the vision tower."""
-    from ports.presets import num_params
-
-    lm_layers = num_params({k: v for k, v in params["lm"].items() if k.startswith("layers_")})
-    vision = num_params(params["vision"])
-    projector = num_params(params["projector"])
-    text, v = config.text, config.vision
-    image_tokens = v.grid**2 + 1  # with CLIP's class token
-    flops = 2 * lm_layers * rows * tokens + 2 * text.num_layers * text.hidden_size * tokens**2 * rows
-    flops += rows * (2 * vision * image_tokens + 4 * v.num_layers * v.hidden_size * image_tokens**2)
-    flops += rows * 2 * projector * config.features_per_image
-    if head:
-        flops += 2 * num_params(params["lm_head"]) * rows * tokens
-    return float(flops)
+    """Model FLOPs of one LLaVA prefill (`common.flop_parts`: decoder per token, causal attention, vision tower per
+    image token, projector per image feature), with the LM head if `head`."""
+    parts = flop_parts(params, config, rows, tokens)
+    return float(sum(value for name, value in parts.items() if head or name != "head"))
 
 
 def child_capture_jax(args, work: Path) -> dict:
