@@ -189,7 +189,35 @@ def load_model(args: argparse.Namespace) -> Pretrained:
         from precise_jax.assets import smollm2_135m_instruct
 
         args.model = str(smollm2_135m_instruct())
-    return load_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=command_mesh(args))
+    mesh = command_mesh(args)
+    check_memory(args, mesh)
+    return load_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
+
+
+def check_memory(args: argparse.Namespace, mesh: Mesh | None) -> None:
+    """Print the command's memory plan per device (parameters, gradients, optimizer state, activations) and refuse
+    one that cannot fit, from config.json alone: before anything is loaded."""
+    import jax.numpy as jnp
+
+    from precise_jax import memory
+    from precise_jax.distributed import AXES
+    from precise_jax.neurons import NeuronSet
+
+    name = " ".join(filter(None, (args.command, getattr(args, "step", None))))
+    size: dict[str, Any] = {"batch_size": getattr(args, "batch_size", 8), "tokens": getattr(args, "max_tokens", 256)}
+    if name in ("ablate", "care generate"):
+        size |= {"task": "generate", "new_tokens": args.max_new_tokens}
+    elif name in ("align", "shield", "demo"):  # their largest part: training (the demo's: full fine-tuning)
+        mode = {"demo": "full"}.get(name, getattr(args, "mode", None))
+        neurons = NeuronSet.load(args.neurons).per_layer() if getattr(args, "neurons", None) and mode != "full" else 0
+        size |= {"task": "train", "mode": mode, "neurons": neurons}
+    else:
+        size["task"] = "capture"
+    shape = (1, 1, 1) if mesh is None else tuple(mesh.shape[a] for a in AXES)
+    plan = memory.plan_for_folder(args.model, shape, dtype=jnp.dtype(args.dtype), **size, limit="device"
+                                  if args.device_memory is None else int(args.device_memory * 2**30))
+    print(plan.describe(), file=sys.stderr)
+    memory.check_plan(plan)
 
 
 def command_mesh(args: argparse.Namespace) -> Mesh | None:
@@ -360,6 +388,8 @@ def add_model(p: argparse.ArgumentParser, default: str = "the cached SmolLM2-135
     group.add_argument("--mesh", help="run on a device mesh: a preset (data, fsdp, tensor, fsdp-tensor2, ...) or "
                        "'data=2,fsdp=4' (-1: the remaining devices); on a TPU pod or cluster every process runs the "
                        "same command (default: $PRECISE_JAX_MESH, else one device)")
+    group.add_argument("--device-memory", type=float, help="GiB one device holds, for the memory plan printed "
+                       "before loading (default: what the device reports; CPU: the available host memory)")
 
 
 def add_prompt_sets(p: argparse.ArgumentParser) -> None:

@@ -83,3 +83,23 @@ def test_a_multilingual_benchmark_gives_languages_as_conditions():
     assert [next(e.prompt for e in c if e.metadata["base_id"] == "own-1") for c in grid.values()] == [
         "Describe a lock.", "Descrivi.", "Mô tả."]
     assert languages_as_conditions(plain, None) == (plain, None)
+
+
+def test_a_plan_that_cannot_fit_is_refused_before_loading(tmp_path, capsys):
+    """LLaVA-1.5-7B's config.json alone (no weights): the plan is printed and refused before anything is read."""
+    from ports.presets import load_preset
+
+    folder = tmp_path / "llava-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(load_preset("llava-1.5-7b-hf")))
+    out = tmp_path / "locate"
+    assert main(["locate", "--model", str(folder), "--device-memory", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "memory plan:" in err and "does NOT fit" in err and "Nothing was loaded" in err
+    assert "--dtype bfloat16" in err and "a larger mesh" in err
+    assert not out.exists()
+    # In bfloat16 on 16 GiB it fits, and only then does loading find the weights missing.
+    assert main(["locate", "--model", str(folder), "--dtype", "bfloat16", "--device-memory", "16",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "  fits" in err and "does not fit" not in err and "safetensors" in err.lower()
