@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ports.pretrained import Pretrained
     from precise_jax.data import Example
     from precise_jax.data.conditions import Translations, Translator
+    from precise_jax.evaluate import LLMJudge
 
 Config = TypeVar("Config")
 # The commands that run on several processes (jax.distributed): each process feeds its share of every batch and
@@ -90,7 +91,7 @@ def shield_pipeline(args: argparse.Namespace) -> dict:
         benign, translations = languages_as_conditions(benign, translations)
         config = config_from(args, PipelineConfig)
         results = run_pipeline(lm, harmful, benign, config, translations=translations, translator=translator,
-                               refusals=refusal_replies(args.refusals))
+                               refusals=refusal_replies(args.refusals), judge=judge_from(args.judge, args.dtype))
         located, models = results.pop("_neurons"), results.pop("_models")
         located.neurons.save(report.folder / "neurons")
         if args.save_model:
@@ -156,6 +157,24 @@ def languages_as_conditions(examples: list[Example], translations: Translations 
     return [e for e in examples if not e.metadata.get("item")] + base, {**(translations or {}), **more}
 
 
+def judge_from(spec: str | None, dtype: str) -> LLMJudge | None:
+    """The classifier judge of --judge FORMAT:FOLDER (a local copy of cais/HarmBench-Llama-2-13b-cls as
+    `harmbench`, of meta-llama/Llama-Guard-3-8B as `llama-guard-3`), loaded before any work; None without one."""
+    import jax.numpy as jnp
+
+    from ports import load_pretrained
+    from ports.errors import InputError
+    from precise_jax.evaluate import JUDGE_FORMATS, LLMJudge
+
+    if spec is None:
+        return None
+    name, _, folder = spec.partition(":")
+    if name not in JUDGE_FORMATS or not folder:
+        raise InputError(f"--judge {spec!r}: expected FORMAT:FOLDER with FORMAT one of {sorted(JUDGE_FORMATS)} and "
+                         "FOLDER the judge's Hugging Face checkpoint folder")
+    return LLMJudge(load_pretrained(folder, dtype=jnp.dtype(dtype)), name)
+
+
 def refusal_replies(path: str | None) -> dict:
     """{language: [refusal, ...]} from a JSON file, or the built-in English ones."""
     from pathlib import Path
@@ -197,6 +216,8 @@ def load_model(args: argparse.Namespace) -> Pretrained:
 def check_memory(args: argparse.Namespace, mesh: Mesh | None) -> None:
     """Print the command's memory plan per device (parameters, gradients, optimizer state, activations) and refuse
     one that cannot fit, from config.json alone: before anything is loaded."""
+    from pathlib import Path
+
     import jax.numpy as jnp
 
     from precise_jax import memory
@@ -209,7 +230,16 @@ def check_memory(args: argparse.Namespace, mesh: Mesh | None) -> None:
         size |= {"task": "generate", "new_tokens": args.max_new_tokens}
     elif name in ("align", "shield", "demo"):  # their largest part: training (the demo's: full fine-tuning)
         mode = {"demo": "full"}.get(name, getattr(args, "mode", None))
-        neurons = NeuronSet.load(args.neurons).per_layer() if getattr(args, "neurons", None) and mode != "full" else 0
+        neurons: Any = 0
+        if name == "align" and mode != "full":
+            neurons = NeuronSet.load(args.neurons).per_layer()
+        elif name == "shield":  # not located yet: --budget, else --ratio of every layer, once per condition
+            from ports.pretrained import read_config
+
+            text = (config := read_config(Path(args.model))).get("text_config", config)
+            layers, width = text["num_hidden_layers"], text["intermediate_size"]
+            neurons = min(layers * width, args.budget or max(1, int(args.ratio * width)) * layers
+                          * len(args.languages) * len(args.modalities))
         size |= {"task": "train", "mode": mode, "neurons": neurons}
     else:
         size["task"] = "capture"
@@ -683,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--mode", default=defaults.mode, choices=["lean", "masked"])
     group.add_argument("--baselines", nargs="*", default=list(defaults.baselines), choices=["random"],
                        help="also train a random neuron set of the same size per layer, the same way")
+    group.add_argument("--judge", help="also judge attack success with a classifier: harmbench:FOLDER (HarmBench's "
+                       "Llama-2-13b classifier) or llama-guard-3:FOLDER, a local checkpoint folder; the report names "
+                       "the judge of every number")
     group.add_argument("--save-model", action="store_true", help="also export the aligned model (HF safetensors)")
     p.set_defaults(run=shield_pipeline)
 

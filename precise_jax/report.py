@@ -261,6 +261,7 @@ def shield_report(report: Report, results: Mapping, located: Located | None = No
         e = evaluation[name]
         harmful, benign = e["harmful_refusal"]["all"], e["benign_refusal"]["all"]
         probes = e.get("over_refusal_probes", {}).get("all")
+        judged = e.get("judged_attack_success", {}).get("all")
         headline.append(
             f"- **{name}**: held-out harmful refusal {as_estimate(harmful['before'])} -> "
             f"{as_estimate(harmful['after'])}; attack success {as_estimate(e['attack_success']['all']['before'])} "
@@ -268,9 +269,14 @@ def shield_report(report: Report, results: Mapping, located: Located | None = No
             f"-> {as_estimate(benign['after'])}"
             + (f"; over-refusal of {probes['after']['n']} probes (benign prompts that look harmful) "
                f"{as_estimate(probes['before'])} -> {as_estimate(probes['after'])}" if probes else "")
+            + (f"; attack success by the {results['judges']['judged_attack_success']} "
+               f"{as_estimate(judged['before'])} -> {as_estimate(judged['after'])}" if judged else "")
             + f"; next-token KL to the original on benign replies {as_estimate(e['utility']['kl'])} nats")
-    report.text("Refusal is judged by the multilingual refusal-keyword judge (`precise_jax.evaluate`); intervals "
-                "are 95 % percentile-bootstrap intervals over prompts, changes are paired.\n\n" + "\n".join(headline))
+    judge = results.get("judges", {}).get("judged_attack_success")
+    report.text("Refusal is judged by the multilingual refusal-keyword judge (`precise_jax.evaluate`)"
+                + (f"; \"judged attack success\" by the {judge} on the same harmful replies" if judge else "")
+                + "; intervals are 95 % percentile-bootstrap intervals over prompts, changes are paired.\n\n"
+                + "\n".join(headline))
 
     data = results["data"]
     report.table("Data", ["part", "prompts"], [
@@ -323,6 +329,7 @@ def shield_report(report: Report, results: Mapping, located: Located | None = No
 
     for name in trained:
         for metric, title in (("attack_success", "attack success rate (not refused)"),
+                              ("judged_attack_success", f"attack success judged by the {judge}"),
                               ("harmful_refusal", "refusal of held-out harmful prompts"),
                               ("benign_refusal", "refusal of held-out benign prompts (over-refusal)"),
                               ("over_refusal_probes", "refusal of over-refusal probes (benign prompts that look "

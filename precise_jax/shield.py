@@ -21,7 +21,9 @@ from precise_jax.capture import Collected, collect
 from precise_jax.data import Example, make_batches, stable_hash, token_lengths
 from precise_jax.data.conditions import Translations, Translator
 from precise_jax.distributed import process_share
-from precise_jax.evaluate import mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores
+from precise_jax.evaluate import (
+    LLMJudge, mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores,
+)
 from precise_jax.interventions import neuron_ablation, unit_edit_hook
 from precise_jax.neurons import NeuronSet, combine, overlap_matrix, random_like, select_safety_neurons
 from precise_jax.sites import layer_sites
@@ -292,7 +294,7 @@ class _Stages:
 def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Example],
                  config: PipelineConfig = PipelineConfig(), *, translations: Translations | None = None,
                  translator: Translator | None = None, refusals: Mapping[str, Sequence[str]] = REFUSALS,
-                 progress: bool = True) -> dict:
+                 judge: LLMJudge | None = None, progress: bool = True) -> dict:
     """Precise Shield end to end on one model: locate safety neurons per condition, check that ablating them
     changes refusal more than random sets of the same size, align by neuron-restricted fine-tuning, and evaluate
     the original, the aligned model (and any baselines) on held-out harmful and benign prompts per condition.
@@ -406,11 +408,22 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
             responses[name] = (answers(result.model, held_harmful, f"{name}: harmful"),
                                answers(result.model, held_benign, f"{name}: benign"))
 
+    judges = {metric: "the multilingual refusal-keyword judge" for metric in
+              ("harmful_refusal", "attack_success", "benign_refusal", "over_refusal_probes")}
+    judged = {}
+    if judge is not None:  # a classifier judge's verdicts on the same harmful replies: attack success by its rule
+        with stage(f"judge: {judge.format.name}"):
+            judged = {name: judge([e.prompt for e in held_harmful], h[0], batch_size=config.batch_size, strict=False,
+                                  progress=progress).harmful for name, (h, _) in responses.items()}
+        judges["judged_attack_success"] = f"{judge.format.name} classifier ({judge.lm.model_id})"
+
     with stage("compare with the original"):
         reference = [e for e in held_benign if e.response]
         refused = {name: {"harmful_refusal": h[1], "attack_success": ~h[1], "benign_refusal": b[1]}
+                   | ({"judged_attack_success": judged[name]} if judged else {})
                    for name, (h, b) in responses.items()}
-        held = {"harmful_refusal": held_harmful, "attack_success": held_harmful, "benign_refusal": held_benign}
+        held = {"harmful_refusal": held_harmful, "attack_success": held_harmful, "benign_refusal": held_benign,
+                "judged_attack_success": held_harmful}
         # over-refusal probes (benign prompts that look harmful: XSTest's safe prompts, borderline-benign)
         probes = np.array([bool(e.metadata.get("over_refusal")) for e in held_benign], bool)
         if probes.any():
@@ -450,6 +463,7 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
         "causal_check": {kind: _without_responses(check) for kind, check in checks.items()},
         "training": training,
         "evaluation": to_json(evaluation),
+        "judges": {metric: name for metric, name in judges.items() if metric in evaluation["original"]},
         "responses": replies,
         "seconds": stage.seconds,
         "_neurons": located,

@@ -33,7 +33,8 @@ def sets(prompt_sets):
 def report(tiny_chat_llama, tmp_path_factory):
     """`precise-jax shield` with SMALL's settings on the tiny model: the report folder."""
     out = tmp_path_factory.mktemp("demo") / "report"
-    args = ["shield", "--model", str(tiny_chat_llama), "--out", str(out), "--baselines", "random"]
+    args = ["shield", "--model", str(tiny_chat_llama), "--out", str(out), "--baselines", "random",
+            "--judge", f"harmbench:{tiny_chat_llama}"]  # the tiny model stands in for HarmBench's classifier
     for field in dataclasses.fields(PipelineConfig):
         value = getattr(SMALL, field.name)
         if value != field.default and field.name != "baselines":
@@ -67,6 +68,29 @@ def test_demo_writes_a_complete_report(report, run, tiny_chat_llama, capsys):
     assert main(["shield", "--model", str(tiny_chat_llama), "--out", str(failing), "--languages", "en", "de"]) == 2
     assert "translation" in capsys.readouterr().err
     assert sorted(p.name for p in report.parent.iterdir()) == ["report"]  # a failed run leaves nothing
+
+
+def test_a_classifier_judge_rates_the_same_replies_and_the_report_names_it(lm, run, report, tiny_chat_llama,
+                                                                           capsys):
+    from precise_jax.evaluate import LLMJudge
+
+    assert run["judges"]["attack_success"] == "the multilingual refusal-keyword judge"
+    assert run["judges"]["judged_attack_success"] == f"harmbench classifier ({tiny_chat_llama})"
+    judge = LLMJudge(lm, "harmbench")
+    for name in ("original", "aligned"):
+        replies = run["responses"][name]["harmful"]
+        verdicts = judge([r["prompt"] for r in replies], [r["response"] for r in replies], strict=False,
+                         progress=False)
+        rate = run["evaluation"][name]["judged_attack_success"]["all"]
+        assert (rate["value"] if name == "original" else rate["after"]["value"]) == pytest.approx(
+            float(np.mean(verdicts.harmful)))
+    markdown = (report / "report.md").read_text()
+    assert f'"judged attack success" by the harmbench classifier ({tiny_chat_llama})' in markdown
+    assert "aligned: attack success judged by the harmbench classifier" in markdown
+
+    assert main(["shield", "--model", str(tiny_chat_llama), "--out", str(report.parent / "x"),
+                 "--judge", "guard:/nowhere"]) == 2
+    assert "expected FORMAT:FOLDER with FORMAT one of ['harmbench', 'llama-guard-3']" in capsys.readouterr().err
 
 
 def test_held_out_prompts_are_never_fitted(lm, sets, run):
