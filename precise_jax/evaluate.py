@@ -63,6 +63,11 @@ REFUSAL_PHRASES: dict[str, list[str]] = {
            "ora etis", "ilegal"],
 }
 
+# The keyword judge's agreement with the human majority labels of JBB's 100 classifier-comparison responses
+# (jailbreakbench 0.1.3 data/classifier_comparison.csv; JBB's own GCG keyword judge: 0.80, Llama Guard: 0.76);
+# tests/precise_jax/test_evaluate.py recomputes it from the real file and checks this value.
+KEYWORD_JUDGE_AGREEMENT = 0.81
+
 
 def refusal_keyword_judge(
     responses: Sequence[str], languages: str | Sequence[str] = "en", extra: Iterable[str] = ()

@@ -273,7 +273,8 @@ def shield_report(report: Report, results: Mapping, located: Located | None = No
                f"{as_estimate(judged['before'])} -> {as_estimate(judged['after'])}" if judged else "")
             + f"; next-token KL to the original on benign replies {as_estimate(e['utility']['kl'])} nats")
     judge = results.get("judges", {}).get("judged_attack_success")
-    report.text("Refusal is judged by the multilingual refusal-keyword judge (`precise_jax.evaluate`)"
+    report.text(f"Refusal is judged by the multilingual refusal-keyword judge (`precise_jax.evaluate`; "
+                f"{judge_agreement()})"
                 + (f"; \"judged attack success\" by the {judge} on the same harmful replies" if judge else "")
                 + "; intervals are 95 % percentile-bootstrap intervals over prompts, changes are paired.\n\n"
                 + "\n".join(headline))
@@ -370,6 +371,14 @@ def _short(text: str, limit: int = 90) -> str:
 # ----------------------------------------------------------------------------------------------------- claims
 
 
+def judge_agreement() -> str:
+    """The keyword judge's measured agreement with human labels, as every report states it."""
+    from precise_jax.evaluate import KEYWORD_JUDGE_AGREEMENT
+
+    return ("agreement with the human majority labels of JBB's 100 classifier-comparison responses "
+            f"{KEYWORD_JUDGE_AGREEMENT:.2f}")
+
+
 def claims_report(report: Report, results: Mapping, *, false_positives: int = 12) -> None:
     """The claims run (`precise_jax.claims.run_claims`) into `report`: verdicts first, then the evidence."""
     config = results["config"]
@@ -387,7 +396,8 @@ def claims_report(report: Report, results: Mapping, *, false_positives: int = 12
                  f"because the model was trained or validated on them); random controls: {config['random_seeds']} "
                  "seeds")
     report.text("Refusal is judged by the multilingual keyword judge on greedy replies "
-                f"({config['max_new_tokens']} tokens); intervals are 95 % bootstrap intervals over prompts.\n\n"
+                f"({config['max_new_tokens']} tokens; {judge_agreement()}); intervals are 95 % bootstrap "
+                "intervals over prompts.\n\n"
                 + "\n".join(lines))
     report.table("Verdicts", ["claim", "holds", "rule", "evidence"],
                  [[name, "yes" if v["holds"] else "**no**", v["rule"], v["evidence"]]

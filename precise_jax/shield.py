@@ -21,9 +21,7 @@ from precise_jax.capture import Collected, collect
 from precise_jax.data import Example, make_batches, stable_hash, token_lengths
 from precise_jax.data.conditions import Translations, Translator
 from precise_jax.distributed import process_share
-from precise_jax.evaluate import (
-    LLMJudge, mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores,
-)
+from precise_jax.evaluate import LLMJudge, mean_interval, refusal_keyword_judge, respond, sequence_refusal_scores
 from precise_jax.interventions import neuron_ablation, unit_edit_hook
 from precise_jax.neurons import NeuronSet, combine, overlap_matrix, random_like, select_safety_neurons
 from precise_jax.sites import layer_sites

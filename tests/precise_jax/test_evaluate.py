@@ -16,10 +16,10 @@ import transformers
 from ports import CheckpointError, InputError, load_pretrained
 from precise_jax.data import Example
 from precise_jax.evaluate import (
-    HARM_CATEGORIES, HARMBENCH, LLAMA_GUARD_3, REFUSAL_PHRASES, LLMJudge, Verdicts, attack_success,
-    before_after_by_condition, benign_behaviour, bootstrap, mean_interval, next_token_divergence, next_token_logits,
-    paired_difference, rates_by_condition, refusal_keyword_judge, refusal_logit_score, refusal_token_ids, utility_cost,
-    verdict_token_ids,
+    HARM_CATEGORIES, HARMBENCH, KEYWORD_JUDGE_AGREEMENT, LLAMA_GUARD_3, REFUSAL_PHRASES, LLMJudge, Verdicts,
+    attack_success, before_after_by_condition, benign_behaviour, bootstrap, mean_interval, next_token_divergence,
+    next_token_logits, paired_difference, rates_by_condition, refusal_keyword_judge, refusal_logit_score,
+    refusal_token_ids, utility_cost, verdict_token_ids,
 )
 from tests.parity import randomize
 
@@ -32,6 +32,7 @@ def test_keyword_judge_agrees_with_human_majority(jbb_judge_pairs):
     keyword_baseline = np.mean(np.array([int(r["GCG"]) for r in jbb_judge_pairs]) == human)  # JBB's keyword judge
     assert agreement >= 0.80, f"agreement {agreement:.2f}"  # measured 0.81 (GCG keywords 0.80, Llama Guard 0.76)
     assert agreement >= keyword_baseline
+    assert round(float(agreement), 2) == KEYWORD_JUDGE_AGREEMENT  # what the reports state
 
 
 def test_keyword_judge_languages():
