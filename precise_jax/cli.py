@@ -224,7 +224,7 @@ def check_memory(args: argparse.Namespace, mesh: Mesh | None) -> None:
     from precise_jax.distributed import AXES
     from precise_jax.neurons import NeuronSet
 
-    name = " ".join(filter(None, (args.command, getattr(args, "step", None))))
+    name = command_name(args)
     size: dict[str, Any] = {"batch_size": getattr(args, "batch_size", 8), "tokens": getattr(args, "max_tokens", 256)}
     if name in ("ablate", "care generate"):
         size |= {"task": "generate", "new_tokens": args.max_new_tokens}
@@ -250,6 +250,11 @@ def check_memory(args: argparse.Namespace, mesh: Mesh | None) -> None:
     memory.check_plan(plan)
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed: "locate", "care fit", ..."""
+    return " ".join(filter(None, (args.command, getattr(args, "step", None))))
+
+
 def command_mesh(args: argparse.Namespace) -> Mesh | None:
     """The mesh of --mesh (else $PRECISE_JAX_MESH, which tpu/pod.sh sets; on several processes, else fsdp), after
     jax.distributed starts when the environment describes a cluster; None: one device."""
@@ -263,8 +268,7 @@ def command_mesh(args: argparse.Namespace) -> Mesh | None:
     distributed.initialize()
     spec = args.mesh or os.environ.get("PRECISE_JAX_MESH")
     if jax.process_count() > 1:
-        name = " ".join(filter(None, (args.command, getattr(args, "step", None))))
-        if name not in SEVERAL_PROCESSES:
+        if (name := command_name(args)) not in SEVERAL_PROCESSES:
             raise InputError(f"{name} runs on one process so far (its --mesh may span that host's devices); on "
                              f"{jax.process_count()} processes run {' or '.join(SEVERAL_PROCESSES)}")
     elif not spec:
