@@ -389,17 +389,21 @@ def dot_product_attention(q: Array, k: Array, v: Array, allowed: Array, scale: f
             k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
         scores = jnp.einsum("bhte,bhse->bhts", qh, kh, preferred_element_type=jnp.float32) * scale
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = _masked_softmax(scores, allowed, v.dtype)
         out = jnp.einsum("bhts,bhse->bhte", probs, vh, preferred_element_type=jnp.float32)
         return out.transpose(0, 2, 1, 3).astype(q.dtype)
     q = q.reshape(b, t, k.shape[2], groups, e)
     scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    # A finite fill (not -inf) keeps fully masked rows (left padding) finite, as Hugging Face's eager path does.
-    scores = jnp.where(allowed[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _masked_softmax(scores, allowed[:, :, None], v.dtype)
     out = jnp.einsum("bkgts,bske->btkge", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, e).astype(q.dtype)
+
+
+def _masked_softmax(scores: Array, allowed: Array, dtype: Dtype) -> Array:
+    """Softmax over the last (key) axis of float32 scores where `allowed`, cast to `dtype`. A finite fill (not
+    -inf) keeps fully masked rows (left padding) finite, as Hugging Face's eager path does."""
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
 class GatedMLP(nn.Module):

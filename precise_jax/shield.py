@@ -406,14 +406,11 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
             responses[name] = (answers(result.model, held_harmful, f"{name}: harmful"),
                                answers(result.model, held_benign, f"{name}: benign"))
 
-    judges = {metric: "the multilingual refusal-keyword judge" for metric in
-              ("harmful_refusal", "attack_success", "benign_refusal", "over_refusal_probes")}
     judged = {}
     if judge is not None:  # a classifier judge's verdicts on the same harmful replies: attack success by its rule
         with stage(f"judge: {judge.format.name}"):
             judged = {name: judge([e.prompt for e in held_harmful], h[0], batch_size=config.batch_size, strict=False,
                                   progress=progress).harmful for name, (h, _) in responses.items()}
-        judges["judged_attack_success"] = f"{judge.format.name} classifier ({judge.lm.model_id})"
 
     with stage("compare with the original"):
         reference = [e for e in held_benign if e.response]
@@ -442,6 +439,9 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
                                                        batch_size=config.batch_size, progress=progress,
                                                        seed=config.seed)
 
+    judges = {metric: "the multilingual refusal-keyword judge" for metric in evaluation["original"]}
+    if judge is not None:
+        judges["judged_attack_success"] = f"{judge.format.name} classifier ({judge.lm.model_id})"
     replies = {name: {"harmful": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
                                   for e, t, r in zip(held_harmful, *responses[name][0])],
                       "benign": [{"id": e.id, "prompt": e.prompt, "response": t, "refused": bool(r)}
@@ -461,7 +461,7 @@ def run_pipeline(lm: Pretrained, harmful: Sequence[Example], benign: Sequence[Ex
         "causal_check": {kind: _without_responses(check) for kind, check in checks.items()},
         "training": training,
         "evaluation": to_json(evaluation),
-        "judges": {metric: name for metric, name in judges.items() if metric in evaluation["original"]},
+        "judges": judges,
         "responses": replies,
         "seconds": stage.seconds,
         "_neurons": located,
